@@ -1,0 +1,79 @@
+"""How every pass builds its result: a new GraphModule over a new graph that shares all
+unchanged modules and tensors with its input (DESIGN.md section 1)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .. import recipes
+
+
+def _lookup(root: nn.Module, target: str) -> tuple[nn.Module, str, Any]:
+    *prefix, field = target.split(".")
+    owner = root
+    for item in prefix:
+        owner = getattr(owner, item)
+    return owner, field, getattr(owner, field)
+
+
+def _install(
+    root: nn.Module, target: str, value: Any, containers: set[int], persistent: bool = True
+) -> None:
+    *prefix, field = target.split(".")
+    owner = root
+    for item in prefix:
+        child = owner._modules.get(item)
+        if child is None:
+            child = nn.Module()
+            containers.add(id(child))
+            owner.add_module(item, child)
+        owner = child
+    if id(owner) not in containers:
+        if getattr(owner, field, None) is value:
+            return  # already reachable through a shared module installed earlier
+        # Adding to a module shared with the caller's model would mutate that model.
+        raise RuntimeError(f"fxgrow internal error: {target!r} would be added to a shared module")
+    if isinstance(value, nn.Module):
+        owner.add_module(field, value)
+    elif isinstance(value, nn.Parameter):
+        owner.register_parameter(field, value)
+    elif isinstance(value, torch.Tensor):
+        owner.register_buffer(field, value, persistent=persistent)
+    else:
+        setattr(owner, field, value)
+
+
+def build_graph_module(
+    source: fx.GraphModule,
+    graph: fx.Graph,
+    new_attrs: Mapping[str, Any] | None = None,
+    record: dict[str, Any] | None = None,
+) -> fx.GraphModule:
+    """A GraphModule running ``graph`` whose attributes come from ``new_attrs`` first, then
+    from ``source`` (shared, not copied). The recipe of ``source`` is carried over with
+    ``record`` appended; the training flag is kept."""
+    new_attrs = dict(new_attrs or {})
+    root = nn.Module()
+    containers = {id(root)}
+    installed: set[str] = set()
+    for node in graph.nodes:
+        if node.op not in ("call_module", "get_attr") or node.target in installed:
+            continue
+        target = node.target
+        if target in new_attrs:
+            _install(root, target, new_attrs[target], containers)
+        else:
+            owner, field, value = _lookup(source, target)
+            persistent = field not in getattr(owner, "_non_persistent_buffers_set", ())
+            _install(root, target, value, containers, persistent=persistent)
+        installed.add(target)
+    graph.lint()
+    result = fx.GraphModule(root, graph, class_name=type(source).__name__)
+    result.training = source.training
+    recipes.inherit(source, result, record)
+    return result

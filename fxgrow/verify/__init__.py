@@ -1,0 +1,3 @@
+"""Verification: parameter and FLOP accounting, and equivalence of two graphs."""
+
+__all__: list[str] = []
