@@ -4,13 +4,14 @@ The pipeline (DESIGN.md section 1): ``trace`` -> ``passes.reduce`` -> train -> `
 -> ``select`` -> ``passes.grow`` -> ``verify`` -> train ...
 """
 
-from . import passes, verify
+from . import models, passes, verify
 from .errors import (
     AnalysisError,
     CheckpointError,
     DataError,
     EquivalenceError,
     FxgrowError,
+    ModelError,
     PlanError,
     ReduceError,
     ScheduleError,
@@ -18,7 +19,11 @@ from .errors import (
 )
 from .recipes import history, recipe
 from .linears import LinearSite, linear_sites
+from .plan import GrowthPlan
 from .tracing import trace
+from .io import load, save
+from .inspect import GraphDiff, Summary, diff, summary
+from .visualize import draw_growth
 
 __version__ = "0.1.0"
 
@@ -28,15 +33,25 @@ __all__ = [
     "DataError",
     "EquivalenceError",
     "FxgrowError",
+    "GraphDiff",
+    "GrowthPlan",
     "LinearSite",
+    "ModelError",
     "PlanError",
     "ReduceError",
     "ScheduleError",
+    "Summary",
     "TraceError",
+    "diff",
+    "draw_growth",
     "history",
     "linear_sites",
+    "models",
+    "load",
     "passes",
     "recipe",
+    "save",
+    "summary",
     "trace",
     "verify",
 ]

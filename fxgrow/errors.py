@@ -35,3 +35,7 @@ class ScheduleError(FxgrowError):
 
 class DataError(FxgrowError):
     """A dataset that is missing, empty or unreadable."""
+
+
+class ModelError(FxgrowError):
+    """A model spec or builder name that fxgrow cannot build."""

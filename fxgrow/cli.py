@@ -1,0 +1,487 @@
+"""The ``fxgrow`` command line. Run ``fxgrow --help`` or ``fxgrow COMMAND --help``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .errors import EquivalenceError, FxgrowError, ScheduleError
+
+EXAMPLES = """\
+examples:
+  fxgrow scale --model tiny_vit --reduce --epochs 12 --warmup 4 --interval 3 \\
+      --end-epoch 10 --budget 64 --layer-threshold 2 --run-dir runs/digits
+  fxgrow scale --resume runs/digits                   # continue a killed run
+  fxgrow compare --model tiny_vit --epochs 12 --warmup 4 --interval 3 --end-epoch 10 \\
+      --budget 64 --layer-threshold 2 --run-dir runs/compare
+  fxgrow scale --model vit_tiny_patch16_224 \\
+      --model-kwargs '{"img_size": 32, "patch_size": 4, "depth": 4}' --run-dir runs/t
+  fxgrow reduce --model deit_small_patch16_224 --model-kwargs '{"num_classes": 100}' \\
+      --out models/deit_s_reduced
+  fxgrow inspect models/deit_s_reduced
+  fxgrow analyze models/m --data digits --batches 4 --out reports/m --plan-out plan.json \\
+      --budget 32 --layer-threshold 2
+  fxgrow grow models/m --plan plan.json --out models/m_grown
+  fxgrow verify models/m models/m_grown
+  fxgrow demo-reduce
+
+Models are timm names (built with pretrained=False; keyword arguments as JSON with
+--model-kwargs) or fxgrow's own builders (fxgrow.models). --data is "digits" (scikit-learn's
+digits, embedded) or an ImageFolder root with train/ and val/ sub-directories.
+Exit codes: 0 success, 1 verification failed, 2 bad input (nothing written).
+"""
+
+
+# -------------------------------------------------------------------------- argument groups
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny_vit",
+                   help="timm model name or fxgrow builder (default: tiny_vit)")
+    p.add_argument("--model-kwargs", default="{}", metavar="JSON",
+                   help='keyword arguments of the model as JSON, e.g. \'{"depth": 4}\'')
+
+
+def _add_reduce_args(p: argparse.ArgumentParser, flag: bool) -> None:
+    if flag:
+        p.add_argument("--reduce", action="store_true",
+                       help="start from the reduced model (paper: head dim and MLP halved)")
+    p.add_argument("--head-dim", type=float, default=0.5, help="head-dim ratio of the reduction")
+    p.add_argument("--mlp-hidden", type=float, default=0.5,
+                   help="MLP hidden-width ratio of the reduction")
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data and training")
+    g.add_argument("--data", default="digits", help='"digits" or an ImageFolder root')
+    g.add_argument("--img-size", type=int, default=None,
+                   help="image size (default 32 for digits, 224 for folders)")
+    g.add_argument("--epochs", type=int, default=12)
+    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--min-lr", type=float, default=1e-5)
+    g.add_argument("--weight-decay", type=float, default=0.05)
+    g.add_argument("--lr-warmup", type=float, default=1.0, help="LR warm-up in epochs")
+    g.add_argument("--optimizer", default="adamw", help="timm optimizer name (default adamw)")
+    g.add_argument("--label-smoothing", type=float, default=0.0)
+    g.add_argument("--clip-grad", type=float, default=None,
+                   help="global grad-norm clipping (sees new params' gradients after growth)")
+    g.add_argument("--seed", type=int, default=0)
+    s = p.add_argument_group("scaling schedule")
+    s.add_argument("--warmup", type=int, default=4, help="epochs before the first growth")
+    s.add_argument("--interval", type=int, default=3, help="epochs between growth rounds")
+    s.add_argument("--end-epoch", type=int, default=None,
+                   help="last epoch after which growth may happen (default: epochs - 1)")
+    s.add_argument("--budget", type=float, default=None,
+                   help="new neurons (or params, see --budget-unit) per round")
+    s.add_argument("--param-target", type=int, default=None,
+                   help="final parameter count, spread over the rounds (instead of --budget)")
+    s.add_argument("--budget-unit", choices=("neurons", "params"), default="neurons")
+    s.add_argument("--layer-threshold", type=int, default=60,
+                   help="skip layers with fewer eligible neurons (paper: 60 for DeiT-S)")
+    s.add_argument("--targets", default=None, help="comma-separated linear targets (default all)")
+    s.add_argument("--analysis-batches", type=int, default=4)
+    s.add_argument("--method", choices=("fast", "exact"), default="fast")
+    s.add_argument("--reservoir", type=int, default=None, help="analysis reservoir tokens")
+    s.add_argument("--growth-scale", type=float, default=0.2)
+    s.add_argument("--growth-mode", choices=("paper", "fused"), default="paper")
+    s.add_argument("--init-state", choices=("fresh", "parent"), default="fresh",
+                   help="optimizer state of new params (parent: copied from the grown neuron)")
+    p.add_argument("--run-dir", default=None, help="new run directory (refused if it exists)")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR (all other options come from it)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fxgrow", description="Grow transformers by exact surgery on torch.fx graphs.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("scale", help="train with growth rounds (reduce -> train -> grow ...)",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(p)
+    _add_reduce_args(p, flag=True)
+    _add_train_args(p)
+
+    p = sub.add_parser("compare", help="full-width model vs reduce-then-grow, trained alike "
+                       "(paper table 1)", epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(p)
+    _add_reduce_args(p, flag=False)
+    _add_train_args(p)
+
+    p = sub.add_parser("inspect", help="per-node table of a saved model and its growth")
+    p.add_argument("model_dir")
+    p.add_argument("--img-size", type=int, default=None)
+
+    p = sub.add_parser("reduce", help="reduce a model (head dim, MLP hidden) and save it")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--load", default=None, metavar="MODEL_DIR", help="a saved model")
+    _add_model_args(p)
+    _add_reduce_args(p, flag=False)
+    p.add_argument("--out", required=True, help="output model directory")
+
+    p = sub.add_parser("analyze", help="splitting analysis of a saved model; optional plan")
+    p.add_argument("model_dir")
+    p.add_argument("--data", default="digits")
+    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--batches", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--method", choices=("fast", "exact"), default="fast")
+    p.add_argument("--out", required=True, help="report directory")
+    p.add_argument("--plan-out", default=None, help="write the selected plan (JSON) here")
+    p.add_argument("--budget", type=float, default=None)
+    p.add_argument("--budget-unit", choices=("neurons", "params"), default="neurons")
+    p.add_argument("--layer-threshold", type=int, default=60)
+    p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("grow", help="grow a saved model by a plan (JSON) and save the result")
+    p.add_argument("model_dir")
+    p.add_argument("--plan", required=True, help="plan JSON file")
+    p.add_argument("--out", required=True)
+    p.add_argument("--scale", type=float, default=0.2)
+    p.add_argument("--mode", choices=("paper", "fused"), default="paper")
+    p.add_argument("--img-size", type=int, default=None)
+
+    p = sub.add_parser("verify", help="check two saved models compute the same function")
+    p.add_argument("reference")
+    p.add_argument("candidate")
+    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+
+    sub.add_parser("demo-reduce", help="trace DeiT-S and reduce it as the paper does")
+    return parser
+
+
+# -------------------------------------------------------------------------------- helpers
+
+
+def _model_kwargs(text: str) -> dict[str, Any]:
+    try:
+        kwargs = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ScheduleError(f"--model-kwargs is not JSON: {exc}") from exc
+    if not isinstance(kwargs, dict):
+        raise ScheduleError(f"--model-kwargs must be a JSON object, got {text!r}")
+    return kwargs
+
+
+def model_spec(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The build spec of a model name: fxgrow's builders first, then timm."""
+    from . import models
+
+    source = "fxgrow" if name in models.BUILDERS else "timm"
+    return {"source": source, "name": name, "kwargs": kwargs}
+
+
+def _build(spec: dict[str, Any], reduce: tuple[float, float] | None):
+    """A freshly initialised model, reduced if asked. keep="first": the kept rows of a random
+    init are a random init of the narrower model (largest-norm rows would skew it)."""
+    from . import models
+
+    gm = models.build(spec)
+    if reduce is not None:
+        from .passes import ReduceSpec, reduce as reduce_pass
+
+        gm = reduce_pass(gm, ReduceSpec(head_dim=reduce[0], mlp_hidden=reduce[1], keep="first"))
+    return gm
+
+
+def _example_input(gm, img_size: int | None, batch: int = 1):
+    import torch
+
+    if img_size is None:
+        base = (gm.meta.get("fxgrow") or {}).get("base") or {}
+        img_size = base.get("kwargs", {}).get("img_size")
+    if img_size is None:
+        try:
+            size = gm.get_submodule("patch_embed").img_size
+            img_size = size[0] if isinstance(size, (tuple, list)) else size
+        except AttributeError:
+            img_size = 224
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(batch, 3, img_size, img_size, generator=generator)
+
+
+def _train_config(args: argparse.Namespace):
+    from .train import TrainConfig
+
+    return TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
+        weight_decay=args.weight_decay, warmup_epochs=args.lr_warmup, optimizer=args.optimizer,
+        label_smoothing=args.label_smoothing, clip_grad=args.clip_grad, seed=args.seed,
+    )
+
+
+def _schedule(args: argparse.Namespace):
+    from .scaling import ScalingSchedule
+
+    if args.budget is None and args.param_target is None:
+        raise ScheduleError("give --budget (per round) or --param-target (final params)")
+    return ScalingSchedule(
+        warmup_epochs=args.warmup, interval=args.interval,
+        end_epoch=args.end_epoch if args.end_epoch is not None else args.epochs - 1,
+        budget_per_round=args.budget, total_param_target=args.param_target,
+        budget_unit=args.budget_unit, layer_threshold=args.layer_threshold,
+        targets=args.targets.split(",") if args.targets else None,
+        analysis_batches=args.analysis_batches, method=args.method, reservoir=args.reservoir,
+        scale=args.growth_scale, mode=args.growth_mode, init_state=args.init_state,
+        epochs=args.epochs,
+    )
+
+
+_RUN_ONLY = ("resume", "quiet", "run_dir", "command")
+
+
+def _recorded_args(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if k not in _RUN_ONLY}
+
+
+def _resumed_args(args: argparse.Namespace, run_dir: Path) -> argparse.Namespace:
+    from .runlog import RunDir
+
+    saved = RunDir(run_dir, resume=True).config().get("extra", {}).get("cli")
+    if saved is None:
+        raise FxgrowError(f"{run_dir} was not started by the fxgrow command line")
+    merged = argparse.Namespace(**saved)
+    for key in _RUN_ONLY:
+        setattr(merged, key, getattr(args, key, None))
+    return merged
+
+
+def _setup(args: argparse.Namespace, reduced: bool):
+    """Data, model and train config for one run (no file written)."""
+    from . import data as data_mod
+    from .train import seed_everything
+
+    img_size = args.img_size or (32 if args.data == "digits" else 224)
+    bundle = data_mod.load(args.data, img_size, seed=args.seed)
+    kwargs = _model_kwargs(args.model_kwargs)
+    kwargs.setdefault("num_classes", bundle.num_classes)
+    spec = model_spec(args.model, kwargs)
+    if spec["source"] == "fxgrow":
+        kwargs.setdefault("img_size", img_size)
+    config = _train_config(args)
+    seed_everything(args.seed)
+    reduce = (args.head_dim, args.mlp_hidden) if reduced else None
+    return bundle, _build(spec, reduce), config
+
+
+# ------------------------------------------------------------------------------- commands
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    from .runlog import RunDir
+    from .train import fit
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        args = _resumed_args(args, run_dir)
+    elif args.run_dir is None:
+        raise ScheduleError("give --run-dir (a new directory) or --resume RUN_DIR")
+    else:
+        run_dir = Path(args.run_dir)
+        RunDir(run_dir)  # refuse an existing directory before any work
+    cli = _recorded_args(args)
+    schedule = _schedule(args)
+    bundle, model, config = _setup(args, reduced=args.reduce)
+    result = fit(model, bundle, config, str(run_dir), schedule=schedule,
+                 run_config={"cli": cli}, resume=bool(args.resume), quiet=args.quiet)
+    print(result.summary)
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .runlog import RunDir
+    from .train import fit
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "compare.json").is_file():
+            raise FxgrowError(f"{run_dir} is not a compare run directory (no compare.json)")
+        saved = json.loads((run_dir / "compare.json").read_text())
+        args = argparse.Namespace(**saved, **{k: getattr(args, k, None) for k in _RUN_ONLY})
+    elif args.run_dir is None:
+        raise ScheduleError("give --run-dir (a new directory) or --resume RUN_DIR")
+    else:
+        run_dir = Path(args.run_dir)
+        RunDir(run_dir)
+    cli = _recorded_args(args)
+    _schedule(args)  # validate before training anything
+    rows = []
+    for label, grow_model in (("full", False), ("grown", True)):
+        bundle, model, config = _setup(args, reduced=grow_model)
+        schedule = _schedule(args) if grow_model else None
+        sub = run_dir / label
+        resume = bool(args.resume) and (sub / "config.json").is_file()
+        if not args.resume and label == "full":
+            run_dir.mkdir(parents=True)
+            (run_dir / "compare.json").write_text(json.dumps(cli, indent=1, sort_keys=True))
+        if not args.quiet:
+            print(f"== {label}: {'reduce-then-grow' if grow_model else 'full width'}",
+                  file=sys.stderr)
+        result = fit(model, bundle, config, str(sub), schedule=schedule,
+                     run_config={"cli": cli, "compare": label}, resume=resume, quiet=args.quiet)
+        # The schedule forbids growth after the last epoch: its metrics are the final model's.
+        first, last = result.metrics[0], result.metrics[-1]
+        rows.append({"model": f"{args.model} ({'reduce+grow' if grow_model else 'full'})",
+                     "base_params": first["params"], "final_params": last["params"],
+                     "base_flops": first["flops"], "final_flops": last["flops"],
+                     "top1": last["top1"], "top5": last["top5"],
+                     "rounds": sum(1 for r in result.growth if r.get("grown"))})
+    table = compare_table(rows)
+    (run_dir / "compare.md").write_text(table + "\n")
+    print(table)
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def compare_table(rows: list[dict[str, Any]]) -> str:
+    """Paper table 1 columns: base/final params, base/final FLOPs, top-1, top-5."""
+    head = (f"| {'model':<28} | base params | final params | base MFLOPs | final MFLOPs "
+            f"| top-1 | top-5 | rounds |")
+    lines = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
+    for r in rows:
+        lines.append(
+            f"| {r['model']:<28} | {r['base_params']:>11,} | {r['final_params']:>12,} "
+            f"| {r['base_flops'] / 1e6:>11.2f} | {r['final_flops'] / 1e6:>12.2f} "
+            f"| {r['top1']:>5.1f} | {r['top5']:>5.1f} | {r['rounds']:>6} |"
+        )
+    return "\n".join(lines)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from . import load
+    from .inspect import summary
+
+    gm = load(args.model_dir)
+    print(summary(gm, _example_input(gm, args.img_size)))
+    return 0
+
+
+def cmd_reduce(args: argparse.Namespace) -> int:
+    from . import load, save
+    from .passes import ReduceSpec, reduce as reduce_pass
+    from .verify import count_params
+
+    _refuse_existing(args.out)
+    if args.load:
+        gm = reduce_pass(load(args.load), ReduceSpec(head_dim=args.head_dim,
+                                                     mlp_hidden=args.mlp_hidden))
+        before = count_params(load(args.load))
+    else:
+        spec = model_spec(args.model, _model_kwargs(args.model_kwargs))
+        from . import models
+
+        before = count_params(models.build(spec))
+        gm = _build(spec, (args.head_dim, args.mlp_hidden))
+    save(gm, args.out)
+    print(f"reduced: {before:,} -> {count_params(gm):,} parameters; saved to {args.out}")
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    import torch.nn.functional as F
+
+    from . import data as data_mod, load, select
+    from .passes import analyze
+
+    gm = load(args.model_dir)
+    img_size = args.img_size or _example_input(gm, None).shape[-1]
+    bundle = data_mod.load(args.data, img_size)
+    if args.plan_out:
+        _refuse_existing(args.plan_out)
+    batches = []
+    for batch in data_mod.loader(bundle.train, args.batch_size, shuffle=False):
+        batches.append(batch)
+        if len(batches) == args.batches:
+            break
+    report = analyze(gm, batches, F.cross_entropy, method=args.method, progress=not args.quiet)
+    report.save(args.out)
+    print(report.summary())
+    if args.plan_out:
+        if args.budget is None:
+            raise ScheduleError("--plan-out needs --budget")
+        plan = select(report, budget=args.budget, layer_threshold=args.layer_threshold,
+                      budget_unit=args.budget_unit)
+        Path(args.plan_out).write_text(plan.to_json())
+        print(f"plan: {plan.num_neurons} neurons in {len(plan)} layers -> {args.plan_out}")
+    return 0
+
+
+def cmd_grow(args: argparse.Namespace) -> int:
+    from . import GrowthPlan, load, save
+    from .passes import grow
+    from .verify import check_equivalence, count_params
+
+    _refuse_existing(args.out)
+    gm = load(args.model_dir)
+    try:
+        plan = GrowthPlan.from_json(Path(args.plan).read_text())
+    except OSError as exc:
+        raise ScheduleError(f"cannot read plan {args.plan}: {exc}") from exc
+    grown = grow(gm, plan, scale=args.scale, mode=args.mode)
+    report = check_equivalence(gm, grown, _example_input(gm, args.img_size, batch=2))
+    if not report.ok:
+        print(report)
+        return 1
+    save(grown, args.out)
+    print(f"grown: {count_params(gm):,} -> {count_params(grown):,} parameters, function "
+          f"preserved; saved to {args.out}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from . import load
+    from .verify import check_equivalence
+
+    reference, candidate = load(args.reference), load(args.candidate)
+    report = check_equivalence(reference, candidate,
+                               _example_input(reference, args.img_size, batch=args.batch))
+    print(report)
+    print("equivalent" if report.ok else "NOT equivalent")
+    return 0 if report.ok else 1
+
+
+def cmd_demo_reduce(args: argparse.Namespace) -> int:
+    from .demos import reduction_demo
+
+    reduction_demo()
+    return 0
+
+
+def _refuse_existing(path: str) -> None:
+    if Path(path).exists():
+        raise FxgrowError(f"{path!r} already exists; choose another output (nothing was written)")
+
+
+COMMANDS = {
+    "scale": cmd_scale, "compare": cmd_compare, "inspect": cmd_inspect, "reduce": cmd_reduce,
+    "analyze": cmd_analyze, "grow": cmd_grow, "verify": cmd_verify,
+    "demo-reduce": cmd_demo_reduce,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``fxgrow`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except EquivalenceError as exc:
+        print(f"fxgrow: {exc}", file=sys.stderr)
+        return 1
+    except FxgrowError as exc:
+        print(f"fxgrow: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""Smallest eigenpairs of many small symmetric matrices at once (DESIGN.md section 4).
+
+Two paths, both batched over the J neurons of a layer:
+
+- ``exact_smallest``: the matrices are given densely, ``torch.linalg.eigh`` on chunks. The
+  reference.
+- ``lanczos_smallest``: the matrices are only available through a batched product
+  ``matvec(V, rows) -> S[rows] @ V`` (one vector per matrix). Plain Lanczos with full
+  reorthogonalisation, one Krylov sequence per matrix, all advanced together by one call
+  of ``matvec``; a matrix leaves the active set once its smallest Ritz pair has converged,
+  so later products only touch the matrices still running.
+
+``splitting_matvec`` builds the product for splitting matrices of the form
+``S_j = scale * X^T diag(h_j) X``: ``P = X V^T``, ``R = (H * P)^T X`` (two GEMMs per step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+MatVec = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class EigenResult:
+    """Smallest eigenpair of each of J matrices.
+
+    ``residuals[j]`` is ``||S_j v_j - lambda_j v_j||`` (estimated from the Lanczos recurrence
+    for the iterative path), ``converged[j]`` whether it met the tolerance, ``iterations``
+    the number of products the longest-running matrix needed.
+    """
+
+    values: torch.Tensor  # (J,) float64
+    vectors: torch.Tensor | None  # (J, D) float64, unit norm
+    residuals: torch.Tensor  # (J,) float64
+    converged: torch.Tensor  # (J,) bool
+    iterations: int
+
+    @property
+    def nonconverged(self) -> int:
+        return int((~self.converged).sum())
+
+
+def exact_smallest(
+    matrices: torch.Tensor | Callable[[int, int], torch.Tensor],
+    count: int | None = None,
+    *,
+    eigenvectors: bool = False,
+    chunk: int = 64,
+) -> EigenResult:
+    """Smallest eigenvalue (and optionally eigenvector) of each symmetric matrix, by a dense
+    batched eigensolver in float64. ``matrices`` is a (J, D, D) tensor, or a function
+    ``(start, stop) -> (stop - start, D, D)`` so that only ``chunk`` matrices exist at a time
+    (then ``count`` = J)."""
+    if isinstance(matrices, torch.Tensor):
+        count = matrices.shape[0]
+        source = matrices
+        matrices = lambda a, b: source[a:b]  # noqa: E731
+    if count is None:
+        raise ValueError("count is required when matrices is a function")
+    values, vectors = [], []
+    for start in range(0, count, chunk):
+        block = matrices(start, min(start + chunk, count)).to(torch.float64)
+        if eigenvectors:
+            w, v = torch.linalg.eigh(block)
+            values.append(w[:, 0])
+            vectors.append(v[:, :, 0])
+        else:
+            values.append(torch.linalg.eigvalsh(block)[:, 0])
+    vals = torch.cat(values) if values else torch.zeros(0, dtype=torch.float64)
+    return EigenResult(
+        values=vals,
+        vectors=torch.cat(vectors) if eigenvectors and vectors else None,
+        residuals=torch.zeros_like(vals),
+        converged=torch.ones(vals.shape, dtype=torch.bool, device=vals.device),
+        iterations=0,
+    )
+
+
+def splitting_matvec(x: torch.Tensor, h: torch.Tensor, scale: float = 1.0) -> MatVec:
+    """The product ``v_j -> S_j v_j`` for ``S_j = scale * x^T diag(h[:, j]) x``, batched
+    over neurons: ``x`` is (T, D) token inputs, ``h`` is (T, J) per-token weights. The GEMMs
+    run in the dtype of ``x`` (float32 data stays float32: these two products are where
+    all the time goes); the result is returned in float64."""
+
+    def matvec(v: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        hs = h if rows.numel() == h.shape[1] else h.index_select(1, rows)
+        p = x @ v.to(x.dtype).T  # (T, Ja)
+        r = (hs * p).T @ x  # (Ja, D)
+        return r.to(torch.float64) * scale
+
+    return matvec
+
+
+def _smallest_tridiagonal(
+    alpha: torch.Tensor, beta: torch.Tensor, upper: torch.Tensor, points: int = 63
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Smallest eigenvalue of each symmetric tridiagonal matrix (diagonal ``alpha`` (J, m),
+    off-diagonal ``beta`` (J, m-1)) by Sturm-sequence multisection, and the squared last
+    component of its unit eigenvector, ``-1 / q_m'(theta)``.
+
+    Batched dense eigensolvers on many small matrices are the slow part of a naive batched
+    Lanczos on CPU (seconds per step for J = 768, m = 60); this is O(m) per probe and needs
+    no LAPACK call. ``upper`` is a known upper bound of the smallest eigenvalue."""
+    j, m = alpha.shape
+    b2 = beta * beta
+    radius = torch.zeros_like(alpha)
+    radius[:, :-1] += beta.abs()
+    radius[:, 1:] += beta.abs()
+    lo = (alpha - radius).amin(1)
+    hi = torch.minimum(upper, alpha.amin(1))
+    scale = torch.maximum(lo.abs(), hi.abs()).clamp_min(torch.finfo(torch.float64).tiny)
+    pivmin = torch.finfo(torch.float64).tiny / torch.finfo(torch.float64).eps
+    frac = torch.arange(1, points + 1, dtype=alpha.dtype, device=alpha.device) / (points + 1)
+    for _ in range(12):
+        width = hi - lo
+        if bool((width <= 4 * torch.finfo(torch.float64).eps * scale).all()):
+            break
+        x = lo[:, None] + width[:, None] * frac  # (J, K)
+        count = torch.zeros(x.shape, dtype=torch.int64, device=x.device)
+        q = alpha[:, :1] - x
+        q = torch.where(q.abs() < pivmin, torch.full_like(q, -pivmin), q)
+        count += q < 0
+        for i in range(1, m):
+            q = (alpha[:, i : i + 1] - x) - b2[:, i - 1 : i] / q
+            q = torch.where(q.abs() < pivmin, torch.full_like(q, -pivmin), q)
+            count += q < 0
+        below = count == 0  # no eigenvalue below x: the smallest is >= x
+        new_lo = torch.where(below, x, lo[:, None]).amax(1)
+        new_hi = torch.where(below, hi[:, None], x).amin(1)
+        lo, hi = new_lo, new_hi
+    theta = 0.5 * (lo + hi)
+    q = alpha[:, 0] - theta
+    dq = -torch.ones_like(theta)
+    for i in range(1, m):
+        q = torch.where(q.abs() < pivmin, torch.full_like(q, -pivmin), q)
+        dq = -1.0 + b2[:, i - 1] * dq / (q * q)
+        q = (alpha[:, i] - theta) - b2[:, i - 1] / q
+    return theta, (-1.0 / dq).clamp(0.0, 1.0)
+
+
+def _tridiagonal_vector(
+    alpha: torch.Tensor, beta: torch.Tensor, theta: torch.Tensor
+) -> torch.Tensor:
+    """Unit eigenvectors of the tridiagonals for eigenvalues ``theta``, by two steps of
+    inverse iteration (an LU solve, not an eigensolver)."""
+    j, m = alpha.shape
+    tri = torch.diag_embed(alpha)
+    if m > 1:
+        tri = tri + torch.diag_embed(beta, 1) + torch.diag_embed(beta, -1)
+    norm = tri.abs().sum(2).amax(1)
+    shift = theta - 1e-10 * norm - torch.finfo(torch.float64).tiny
+    shifted = tri - shift[:, None, None] * torch.eye(m, dtype=alpha.dtype, device=alpha.device)
+    y = torch.ones(j, m, 1, dtype=alpha.dtype, device=alpha.device)
+    for _ in range(2):
+        y = torch.linalg.solve(shifted, y / y.norm(dim=1, keepdim=True))
+    y = y[:, :, 0]
+    return y / y.norm(dim=1, keepdim=True)
+
+
+def lanczos_smallest(
+    matvec: MatVec,
+    count: int,
+    dim: int,
+    *,
+    tol: float = 1e-5,
+    max_iter: int = 80,
+    eigenvectors: bool = False,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+) -> EigenResult:
+    """Smallest eigenpair of ``count`` symmetric (dim x dim) matrices known through
+    ``matvec(V, rows)``, which must return ``S[rows[i]] @ V[i]`` for each row i of V.
+
+    Matrix j has converged when its Ritz residual ``beta_k |s_k|`` (the norm of
+    ``S_j y - theta y`` for the Ritz vector y) is at most ``tol`` times an estimate of
+    ``||S_j||`` (the largest of ``|theta|``, the ``|alpha_i|`` and the ``beta_i``, each a
+    lower bound), or when its Krylov space is exhausted (an invariant subspace, or ``dim``
+    steps). The eigenvalue error is then at most the residual, and about residual^2 / gap.
+    After ``max_iter`` steps the rest keep their current Ritz pair and are reported as not
+    converged. Deterministic given ``seed`` (the start vectors)."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    f64 = dict(dtype=torch.float64, device=device)
+    values = torch.zeros(count, **f64)
+    residuals = torch.zeros(count, **f64)
+    converged = torch.zeros(count, dtype=torch.bool, device=device)
+    vectors = torch.zeros(count, dim, **f64) if eigenvectors else None
+    steps = min(max_iter, dim)
+    if count == 0 or dim == 0 or steps == 0:
+        converged[:] = count == 0 or dim == 0
+        return EigenResult(values, vectors, residuals, converged, 0)
+
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    start = torch.randn(count, dim, generator=generator, dtype=torch.float64).to(device)
+    basis = torch.zeros(count, steps + 1, dim, **f64)
+    basis[:, 0] = start / start.norm(dim=1, keepdim=True)
+    alphas = torch.zeros(count, steps, **f64)
+    betas = torch.zeros(count, steps, **f64)
+    norm_est = torch.zeros(count, **f64)
+    theta = torch.full((count,), float("inf"), **f64)
+    rows = torch.arange(count, device=device)
+    done_at = 0
+    for k in range(steps):
+        q = basis[:, k]
+        w = matvec(q, rows)
+        alpha = (w * q).sum(1)
+        w = w - alpha[:, None] * q
+        if k > 0:
+            w = w - betas[:, k - 1, None] * basis[:, k - 1]
+        span = basis[:, : k + 1]
+        for _ in range(2):  # full reorthogonalisation; twice is enough (Kahan)
+            w = w - torch.einsum("jkd,jk->jd", span, torch.einsum("jkd,jd->jk", span, w))
+        beta = w.norm(dim=1)
+        alphas[:, k] = alpha
+        betas[:, k] = beta
+        done_at = k + 1
+
+        theta, last2 = _smallest_tridiagonal(alphas[:, : k + 1], betas[:, :k], theta)
+        norm_est = torch.maximum(torch.maximum(norm_est, alpha.abs()), beta)
+        norm_est = torch.maximum(norm_est, theta.abs())
+        res = beta * last2.sqrt()
+        exhausted = beta <= 1e-12 * norm_est
+        finished = (res <= tol * norm_est) | exhausted
+        last = k + 1 == steps
+        leaving = finished | last
+        if bool(leaving.any()):
+            idx = rows[leaving]
+            values[idx] = theta[leaving]
+            residuals[idx] = torch.where(exhausted[leaving], torch.zeros_like(res[leaving]), res[leaving])
+            converged[idx] = finished[leaving] | (k + 1 == dim)
+            if eigenvectors:
+                s = _tridiagonal_vector(
+                    alphas[leaving, : k + 1], betas[leaving, :k], theta[leaving]
+                )
+                vec = torch.einsum("jkd,jk->jd", span[leaving], s)
+                vectors[idx] = vec / vec.norm(dim=1, keepdim=True)
+        if last or bool(leaving.all()):
+            break
+        basis[:, k + 1] = w / beta[:, None]
+        if bool(leaving.any()):
+            keep = ~leaving
+            rows, basis, alphas, betas = rows[keep], basis[keep], alphas[keep], betas[keep]
+            norm_est, theta = norm_est[keep], theta[keep]
+    return EigenResult(values, vectors, residuals, converged, done_at)

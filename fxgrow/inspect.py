@@ -1,0 +1,478 @@
+"""Looking inside a (grown) GraphModule: a per-node summary, growth depths, and graph diffs.
+
+Growth facts come from the ``grow`` records of the graph's history (DESIGN.md section 3):
+every record lists the modules it created, the target each grew from and which of the
+target's neurons each new row copies. From those, per neuron of a target:
+
+- *layers*: how many pseudo-layers were stacked directly on the neuron (one per growth round
+  that selected it);
+- *depth*: how many nested pseudo-layers its deepest path passes through. A pseudo-layer on
+  the neuron counts 1, plus the depth of the neuron's copies inside that pseudo-layer's new
+  linears when a later round grew those (nested growth). An ungrown neuron has depth 0.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from . import recipes
+from .linears import linear_site
+
+# --------------------------------------------------------------------------------- growth
+
+
+@dataclass(frozen=True)
+class Created:
+    """One module a grow record created: which target it grew from, from which neurons."""
+
+    name: str
+    target: str
+    indices: tuple[int, ...]  # row i of the new linear copies neuron indices[i] of target
+    role: str
+    round: int  # index of the grow record in the history
+
+
+@dataclass
+class TargetGrowth:
+    """How one linear target was grown, over every round of the history."""
+
+    target: str
+    root: str  # the original (not created by growth) target this one descends from
+    rounds: list[int]  # history indices of the grow records that grew this target
+    layers: dict[int, int]  # neuron -> pseudo-layers stacked directly on it
+    depth: dict[int, int]  # neuron -> nested pseudo-layers on its deepest path
+    new_modules: list[str]
+    new_neurons: int  # rows of the new linears attached directly to this target
+    new_params: int
+
+    @property
+    def neurons_grown(self) -> int:
+        """Distinct neurons of the target that received at least one pseudo-layer."""
+        return len(self.layers)
+
+    @property
+    def pseudo_layers(self) -> int:
+        """Pseudo-layers on this target's neurons, summed over neurons and rounds."""
+        return sum(self.layers.values())
+
+    @property
+    def max_depth(self) -> int:
+        return max(self.depth.values(), default=0)
+
+    def row(self) -> dict[str, Any]:
+        histogram: dict[int, int] = defaultdict(int)
+        for value in self.depth.values():
+            histogram[value] += 1
+        return {
+            "target": self.target,
+            "root": self.root,
+            "rounds": len(self.rounds),
+            "neurons_grown": self.neurons_grown,
+            "pseudo_layers": self.pseudo_layers,
+            "new_neurons": self.new_neurons,
+            "new_params": self.new_params,
+            "max_depth": self.max_depth,
+            "depth_histogram": dict(sorted(histogram.items())),
+        }
+
+
+def created_modules(gm: fx.GraphModule) -> list[Created]:
+    """Every module the grow records of ``gm``'s history created, oldest first."""
+    out = []
+    for index, record in enumerate(recipes.history(gm)):
+        if record.get("pass") != "grow":
+            continue
+        for name, info in record.get("args", {}).get("created", {}).items():
+            out.append(
+                Created(name, info["target"], tuple(info["indices"]), info.get("role", ""), index)
+            )
+    return out
+
+
+def growth(gm: fx.GraphModule) -> dict[str, TargetGrowth]:
+    """Per grown target (original or created by an earlier round), how it was grown."""
+    created = created_modules(gm)
+    by_name = {c.name: c for c in created}
+    # One pseudo-layer = the modules one record created on one target.
+    layers: dict[tuple[str, int], list[Created]] = defaultdict(list)
+    for c in created:
+        layers[(c.target, c.round)].append(c)
+
+    depth_cache: dict[tuple[str, int], int] = {}
+
+    def depth(target: str, neuron: int) -> int:
+        key = (target, neuron)
+        if key not in depth_cache:
+            best = 0
+            for (t, _), members in layers.items():
+                if t != target or neuron not in members[0].indices:
+                    continue
+                inner = 0
+                for member in members:
+                    for row, source in enumerate(member.indices):
+                        if source == neuron:
+                            inner = max(inner, depth(member.name, row))
+                best = max(best, 1 + inner)
+            depth_cache[key] = best
+        return depth_cache[key]
+
+    def root(target: str) -> str:
+        while target in by_name:
+            target = by_name[target].target
+        return target
+
+    result: dict[str, TargetGrowth] = {}
+    for (target, round_index), members in layers.items():
+        entry = result.get(target)
+        if entry is None:
+            entry = result[target] = TargetGrowth(target, root(target), [], {}, {}, [], 0, 0)
+        entry.rounds.append(round_index)
+        for neuron in members[0].indices:
+            entry.layers[neuron] = entry.layers.get(neuron, 0) + 1
+        for member in members:
+            entry.new_modules.append(member.name)
+            entry.new_neurons += len(member.indices)
+            module = _maybe_submodule(gm, member.name)
+            if module is not None:
+                entry.new_params += sum(p.numel() for p in module.parameters())
+    for entry in result.values():
+        entry.rounds = sorted(set(entry.rounds))
+        entry.layers = dict(sorted(entry.layers.items()))
+        entry.depth = {n: depth(entry.target, n) for n in entry.layers}
+    return dict(sorted(result.items()))
+
+
+def _maybe_submodule(gm: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return gm.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+# -------------------------------------------------------------------------------- summary
+
+
+@dataclass
+class Summary:
+    """A per-node table of a GraphModule run on example inputs, with growth per target.
+
+    ``rows`` (one dict per node) and ``growth_rows`` (one per grown target) are plain data for
+    notebooks; ``table()`` / ``growth_table()`` / ``str()`` print them.
+    """
+
+    rows: list[dict[str, Any]]
+    growth_rows: list[dict[str, Any]]
+    growth: dict[str, TargetGrowth] = field(repr=False)
+
+    @property
+    def total_params(self) -> int:
+        return sum(r["params"] for r in self.rows)
+
+    @property
+    def total_flops(self) -> int:
+        return sum(r["flops"] for r in self.rows)
+
+    def table(self, *, only_counted: bool = False) -> str:
+        """The per-node table; ``only_counted`` keeps nodes with parameters, FLOPs or growth."""
+        rows = [
+            r for r in self.rows
+            if not only_counted or r["params"] or r["flops"] or r["grown"] or r["grown_from"]
+        ]
+        body = [
+            [
+                r["node"], r["op"], _short(r["target"]), _shape_text(r["shape"]),
+                f"{r['params']:,}", f"{r['flops']:,}",
+                str(r["grown"] or ""), str(r["depth"] or ""), r["grown_from"] or "",
+            ]
+            for r in rows
+        ]
+        body.append(["total", "", "", "", f"{self.total_params:,}", f"{self.total_flops:,}",
+                     "", "", ""])
+        head = ["node", "op", "target", "shape", "params", "flops", "grown", "depth", "grown from"]
+        return _format(head, body, numeric={4, 5, 6, 7})
+
+    def growth_table(self) -> str:
+        """One line per grown target: rounds, neurons grown, pseudo-layers, depths."""
+        head = ["target", "rounds", "neurons grown", "pseudo-layers", "new neurons",
+                "new params", "max depth", "neurons by depth"]
+        body = [
+            [r["target"], str(r["rounds"]), str(r["neurons_grown"]), str(r["pseudo_layers"]),
+             str(r["new_neurons"]), f"{r['new_params']:,}", str(r["max_depth"]),
+             " ".join(f"{d}:{n}" for d, n in r["depth_histogram"].items())]
+            for r in self.growth_rows
+        ]
+        return _format(head, body, numeric={1, 2, 3, 4, 5, 6})
+
+    def __str__(self) -> str:
+        text = self.table(only_counted=True)
+        if self.growth_rows:
+            text += "\n\n" + self.growth_table()
+        return text
+
+
+def summary(gm: fx.GraphModule, inputs: Any) -> Summary:
+    """Run ``gm`` once on ``inputs`` (a tensor or a tuple of positional inputs) and tabulate,
+    per node: op, target, output shape, parameters it owns, FLOPs, and growth.
+
+    FLOPs follow :func:`fxgrow.verify.count_flops` (fvcore's convention): one multiply-add of a
+    linear, convolution, matmul or of the QK^T and AV products of
+    ``scaled_dot_product_attention`` is one flop, a layer norm costs 5 (4 without affine)
+    per element, elementwise ops cost 0. A parameter is counted at the first node that uses it, so the column sums
+    to the parameters the graph uses. ``grown``/``depth`` on a target's node are the number of
+    its neurons that received pseudo-layers and their largest nesting depth; ``grown from``
+    marks the nodes of modules created by growth. Runs under ``no_grad`` with the RNG state
+    restored afterwards; ``gm`` (its graph, node meta, mode and weights) is not changed.
+    """
+    args = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
+    shapes, values = _ShapeRecorder(gm).collect(*args)
+    grown = growth(gm)
+    created = {c.name: c for c in created_modules(gm)}
+    seen_params: set[int] = set()
+    rows = []
+    for node in gm.graph.nodes:
+        target = node.target if isinstance(node.target, str) else _callable_name(node.target)
+        site = linear_site(gm, node) if node.op in ("call_module", "call_function") else None
+        key = site.target if site is not None else (node.target if node.op == "call_module" else None)
+        entry = grown.get(key) if key is not None else None
+        origin = created.get(key) if key is not None else None
+        rows.append({
+            "node": node.name,
+            "op": node.op,
+            "target": target,
+            "shape": shapes.get(node.name),
+            "params": _owned_params(gm, node, seen_params),
+            "flops": _flops(gm, node, values),
+            "grown": entry.neurons_grown if entry else 0,
+            "depth": entry.max_depth if entry else 0,
+            "grown_from": f"{origin.target} ({origin.role})" if origin else None,
+        })
+    return Summary(rows, [g.row() for g in grown.values()], grown)
+
+
+class _ShapeRecorder(fx.Interpreter):
+    """Runs the graph and keeps each node's output shape (and the input shapes FLOP formulas
+    need) in dicts of its own: unlike ShapeProp it writes nothing into the graph's nodes."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm, garbage_collect_values=True)
+        self.shapes: dict[str, Any] = {}
+        self.arg_shapes: dict[str, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        self.arg_shapes[n.name] = (_shape_of(args), _shape_of(kwargs))
+        result = super().run_node(n)
+        self.shapes[n.name] = _shape_of(result)
+        return result
+
+    def collect(self, *args: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            self.run(*args)
+        return self.shapes, {"args": self.arg_shapes, "out": self.shapes}
+
+
+def _shape_of(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape)
+    if isinstance(value, torch.Size):
+        return None
+    if isinstance(value, (tuple, list)):
+        return tuple(_shape_of(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _shape_of(v) for k, v in value.items()}
+    return None
+
+
+def _owned_params(gm: fx.GraphModule, node: fx.Node, seen: set[int]) -> int:
+    if node.op == "call_module":
+        tensors = list(gm.get_submodule(node.target).parameters())
+    elif node.op == "get_attr":
+        value = fx.graph_module._get_attr(gm, node.target)
+        tensors = [value] if isinstance(value, nn.Parameter) else []
+    else:
+        return 0
+    total = 0
+    for tensor in tensors:
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += tensor.numel()
+    return total
+
+
+_MATMULS = {operator.matmul, torch.matmul, torch.bmm, torch.mm, "matmul", "bmm", "mm"}
+_SDPA = {F.scaled_dot_product_attention}
+_LAYER_NORMS = {F.layer_norm, torch.layer_norm}
+
+
+def _flops(gm: fx.GraphModule, node: fx.Node, values: dict[str, Any]) -> int:
+    out = values["out"].get(node.name)
+    if not isinstance(out, tuple) or not all(isinstance(d, int) for d in out):
+        return 0
+    numel = 1
+    for d in out:
+        numel *= d
+    args, kwargs = values["args"].get(node.name, ((), {}))
+    site = linear_site(gm, node) if node.op in ("call_module", "call_function") else None
+    if site is not None:
+        return numel * site.in_features
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if isinstance(module, nn.modules.conv._ConvNd):
+            kernel = 1
+            for k in module.kernel_size:
+                kernel *= k
+            return numel * (module.in_channels // module.groups) * kernel
+        if isinstance(module, nn.LayerNorm):
+            return numel * (5 if module.elementwise_affine else 4)
+        return 0
+    if node.op not in ("call_function", "call_method"):
+        return 0
+    fn = node.target
+    if fn in _MATMULS and len(args) >= 2 and args[0] and args[1]:
+        return numel * args[0][-1]
+    if fn in _LAYER_NORMS:
+        weight = args[2] if len(args) > 2 else kwargs.get("weight")
+        return numel * (5 if weight is not None else 4)
+    if fn in _SDPA:
+        q = args[0] if args else kwargs.get("query")
+        k = args[1] if len(args) > 1 else kwargs.get("key")
+        v = args[2] if len(args) > 2 else kwargs.get("value")
+        if not (q and k and v):
+            return 0
+        batch = numel // (out[-2] * out[-1])
+        length, source, e, ev = q[-2], k[-2], q[-1], v[-1]
+        return batch * (length * source * e + length * source * ev)
+    return 0
+
+
+# ----------------------------------------------------------------------------------- diff
+
+
+@dataclass
+class GraphDiff:
+    """What changed from graph ``a`` to graph ``b``. Nodes are matched by name (passes copy
+    the graph, so unchanged nodes keep their names); parameters and buffers by state_dict key,
+    modules by qualified name."""
+
+    nodes_added: list[str]
+    nodes_removed: list[str]
+    nodes_changed: list[tuple[str, str, str]]  # (name, in a, in b)
+    modules_added: list[str]
+    modules_removed: list[str]
+    params_added: dict[str, tuple[int, ...]]
+    params_removed: dict[str, tuple[int, ...]]
+    params_reshaped: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]
+
+    @property
+    def empty(self) -> bool:
+        return not any(
+            (self.nodes_added, self.nodes_removed, self.nodes_changed, self.modules_added,
+             self.modules_removed, self.params_added, self.params_removed, self.params_reshaped)
+        )
+
+    def __str__(self) -> str:
+        if self.empty:
+            return "no differences"
+        lines = []
+
+        def section(title: str, items: list[str]) -> None:
+            if items:
+                lines.append(f"{title} ({len(items)}):")
+                lines.extend(f"  {item}" for item in items)
+
+        section("nodes added", self.nodes_added)
+        section("nodes removed", self.nodes_removed)
+        section("nodes changed", [f"{n}: {a}  ->  {b}" for n, a, b in self.nodes_changed])
+        section("modules added", self.modules_added)
+        section("modules removed", self.modules_removed)
+        section("parameters added", [f"{k} {list(s)}" for k, s in self.params_added.items()])
+        section("parameters removed", [f"{k} {list(s)}" for k, s in self.params_removed.items()])
+        section("parameters reshaped",
+                [f"{k} {list(a)} -> {list(b)}" for k, (a, b) in self.params_reshaped.items()])
+        return "\n".join(lines)
+
+
+def diff(a: fx.GraphModule, b: fx.GraphModule) -> GraphDiff:
+    """The nodes, modules and parameters added, removed or changed from ``a`` to ``b``."""
+    nodes_a = {n.name: _node_text(n) for n in a.graph.nodes}
+    nodes_b = {n.name: _node_text(n) for n in b.graph.nodes}
+    modules_a = {name for name, _ in a.named_modules() if name}
+    modules_b = {name for name, _ in b.named_modules() if name}
+    state_a = {k: tuple(v.shape) for k, v in a.state_dict().items()}
+    state_b = {k: tuple(v.shape) for k, v in b.state_dict().items()}
+    return GraphDiff(
+        nodes_added=[n for n in nodes_b if n not in nodes_a],
+        nodes_removed=[n for n in nodes_a if n not in nodes_b],
+        nodes_changed=[
+            (n, nodes_a[n], nodes_b[n]) for n in nodes_b if n in nodes_a and nodes_a[n] != nodes_b[n]
+        ],
+        modules_added=sorted(modules_b - modules_a),
+        modules_removed=sorted(modules_a - modules_b),
+        params_added={k: s for k, s in state_b.items() if k not in state_a},
+        params_removed={k: s for k, s in state_a.items() if k not in state_b},
+        params_reshaped={
+            k: (state_a[k], s) for k, s in state_b.items() if k in state_a and state_a[k] != s
+        },
+    )
+
+
+def _node_text(node: fx.Node) -> str:
+    def show(value: Any) -> str:
+        return repr(fx.node.map_arg(value, lambda n: _Name(n.name)))
+
+    target = node.target if isinstance(node.target, str) else _callable_name(node.target)
+    text = f"{node.op} {target}{show(tuple(node.args))}"
+    if node.kwargs:
+        text += f" {show(dict(node.kwargs))}"
+    return text
+
+
+class _Name(str):
+    def __repr__(self) -> str:
+        return str(self)
+
+
+# -------------------------------------------------------------------------------- helpers
+
+
+def _callable_name(fn: Any) -> str:
+    module = getattr(fn, "__module__", None) or ""
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+    for prefix, short in (("torch.nn.functional", "F"), ("_operator", "operator"),
+                          ("torch._C._nn", "F"), ("torch", "torch")):
+        if module.startswith(prefix):
+            return f"{short}.{name}"
+    return f"{module}.{name}" if module else name
+
+
+def _short(text: str, width: int = 40) -> str:
+    return text if len(text) <= width else "..." + text[-(width - 3):]
+
+
+def _shape_text(shape: Any) -> str:
+    if shape is None:
+        return ""
+    if isinstance(shape, tuple) and all(isinstance(d, int) for d in shape):
+        return "x".join(map(str, shape)) or "scalar"
+    return str(shape).replace(" ", "")
+
+
+def _format(head: list[str], body: list[list[str]], numeric: set[int]) -> str:
+    widths = [max(len(head[i]), *(len(r[i]) for r in body)) if body else len(head[i])
+              for i in range(len(head))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(
+            c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
+        ).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(head), rule, *(line(r) for r in body)])

@@ -1,0 +1,359 @@
+"""Saving and loading grown models: weights in safetensors, structure as a JSON recipe.
+
+A saved model is a directory::
+
+    model_dir/
+        recipe.json          format version, fxgrow/torch versions, the base model spec, the pass
+                             history (plans included), the weights' sha256, size and key list
+        model.safetensors    the GraphModule's state_dict
+
+``load`` rebuilds the base with :func:`fxgrow.models.build`, replays the history through
+:mod:`fxgrow.passes.replay` and loads the weights strictly. Nothing is unpickled, so a model
+someone sent you cannot run code on load (DESIGN.md sections 7 and 9).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from . import recipes
+from .errors import CheckpointError
+
+FORMAT = "fxgrow-model"
+FORMAT_VERSION = 1
+RECIPE_FILE = "recipe.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+# --------------------------------------------------------------------------------------- save
+
+
+def save(gm: fx.GraphModule, path: str | os.PathLike) -> Path:
+    """Save ``gm`` as a model directory at ``path`` and return the path.
+
+    The write is atomic: everything goes to a temporary directory next to ``path`` which then
+    takes ``path``'s place in one rename (a previous model there stays intact until that
+    moment, and is removed after). Tensors that share storage are written as separate copies
+    (safetensors refuses shared tensors); loading restores the sharing the recipe rebuilds.
+
+    Raises:
+        CheckpointError: ``gm`` has no base spec (build it with :mod:`fxgrow.models` or pass
+            ``base=`` to :func:`fxgrow.trace`), ``path`` is an existing file or a non-empty
+            directory that is not a saved model, or the recipe is not JSON-serialisable.
+    """
+    if not isinstance(gm, fx.GraphModule):
+        raise CheckpointError(f"fxgrow.save expects a torch.fx.GraphModule, got {type(gm).__name__}")
+    data = recipes.recipe(gm)
+    if data["base"] is None:
+        raise CheckpointError(
+            "this GraphModule has no base model spec, so it could not be rebuilt on load: build "
+            "it with fxgrow.models.build(...) (or another fxgrow.models builder), or trace it with "
+            "fxgrow.trace(model, base={'source': 'timm', 'name': ..., 'kwargs': {...}})"
+        )
+    target = Path(path)
+    _check_replaceable(target)
+    tensors = _tensors_for_file(gm)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        weights = tmp / WEIGHTS_FILE
+        save_file(tensors, str(weights))
+        _fsync(weights)
+        document = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "fxgrow_version": _fxgrow_version(),
+            "torch_version": torch.__version__,
+            "base": data["base"],
+            "history": data["history"],
+            "training": gm.training,
+            "weights": {
+                "file": WEIGHTS_FILE,
+                "bytes": weights.stat().st_size,
+                "sha256": _sha256(weights),
+                "tensors": {
+                    key: {"shape": list(t.shape), "dtype": _dtype_name(t.dtype)}
+                    for key, t in tensors.items()
+                },
+            },
+        }
+        document["checksum"] = _checksum(document)
+        try:
+            text = json.dumps(document, indent=1, sort_keys=True)
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"the recipe of this GraphModule is not JSON: {exc}") from exc
+        recipe_path = tmp / RECIPE_FILE
+        recipe_path.write_text(text + "\n", encoding="utf-8")
+        _fsync(recipe_path)
+        _fsync(tmp)
+        _put_in_place(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _check_replaceable(target: Path) -> None:
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise CheckpointError(f"cannot save to {str(target)!r}: it exists and is not a directory")
+    if target.is_dir() and any(target.iterdir()) and not (target / RECIPE_FILE).is_file():
+        raise CheckpointError(
+            f"refusing to replace {str(target)!r}: it is a non-empty directory that is not a "
+            f"saved fxgrow model (no {RECIPE_FILE})"
+        )
+
+
+def _tensors_for_file(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
+    """The state_dict as standalone, contiguous CPU tensors: each storage written once."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, value in gm.state_dict().items():
+        tensor = value.detach().cpu().contiguous()
+        storage = tensor.untyped_storage()
+        whole = tensor.storage_offset() == 0 and storage.nbytes() == tensor.numel() * tensor.element_size()
+        if tensor.numel() and (storage.data_ptr() in seen or not whole):
+            tensor = tensor.clone()
+        if tensor.numel():
+            seen.add(tensor.untyped_storage().data_ptr())
+        out[key] = tensor
+    return out
+
+
+def _put_in_place(tmp: Path, target: Path) -> None:
+    """Make ``tmp`` appear at ``target`` in one step, replacing a model already there."""
+    if not target.exists():
+        os.replace(tmp, target)
+    elif _exchange(tmp, target):
+        shutil.rmtree(tmp)  # now holds the previous model
+    else:
+        # Without an atomic exchange: set the old model aside, then move the new one in. A crash
+        # between the two renames leaves no model at ``target`` but the old one intact aside.
+        aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, aside / "model")
+        os.replace(tmp, target)
+        shutil.rmtree(aside)
+    _fsync(target.parent)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two directories (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _fsync(path: Path) -> None:
+    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0)
+    fd = os.open(path, flags)
+    try:
+        with contextlib.suppress(OSError):  # some filesystems cannot fsync a directory
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------------------- load
+
+
+def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> fx.GraphModule:
+    """Rebuild the model saved at ``path``: build its base, replay its passes, load its weights.
+
+    The result carries the saved recipe and training flag, and its tensors are on
+    ``map_location``. The files are only read.
+
+    Raises:
+        CheckpointError: naming what is wrong: a missing file, invalid JSON, another format or
+            an unknown format version, a recipe edited after saving, a weights file whose size
+            or sha256 differs from the recipe's (truncated or tampered), an unreadable
+            safetensors file, a pass with no replayer, a base that cannot be built, or weights
+            that do not fit the rebuilt graph (missing/unexpected keys, shape mismatch).
+    """
+    root = Path(path)
+    document = read_recipe(root)
+    weights_info = document["weights"]
+    weights = root / weights_info["file"]
+    _check_weights_file(weights, weights_info)
+    saved = _read_weights(weights, weights_info)
+    gm = _rebuild(document)
+    _check_fits(gm, saved)
+    targets = _state_tensors(gm)
+    with torch.no_grad():
+        for key, tensor in saved.items():
+            if targets[key].dtype != tensor.dtype:  # the model was cast after it was built
+                targets[key].data = targets[key].data.to(tensor.dtype)
+    try:
+        gm.load_state_dict(saved, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{weights}: weights do not fit the rebuilt model: {exc}") from exc
+    gm.meta[recipes.META_KEY] = {"base": document["base"], "history": document["history"]}
+    gm.train(bool(document.get("training", False)))
+    return gm.to(map_location)
+
+
+def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
+    """The validated ``recipe.json`` of the saved model at ``path`` (nothing else is read)."""
+    root = Path(path)
+    if not root.exists():
+        raise CheckpointError(f"no saved model at {str(root)!r}: the directory does not exist")
+    if not root.is_dir():
+        raise CheckpointError(f"{str(root)!r} is not a saved fxgrow model (expected a directory)")
+    recipe_path = root / RECIPE_FILE
+    if not recipe_path.is_file():
+        raise CheckpointError(f"{str(root)!r}: missing file {RECIPE_FILE}")
+    try:
+        document = json.loads(recipe_path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"{recipe_path}: not a text file ({exc})") from exc
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(
+            f"{recipe_path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+        ) from exc
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        found = document.get("format") if isinstance(document, dict) else type(document).__name__
+        raise CheckpointError(f"{recipe_path}: not an fxgrow model recipe (format {found!r})")
+    version = document.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{recipe_path}: unknown format version {version!r} (this fxgrow "
+            f"{_fxgrow_version()} reads version {FORMAT_VERSION})"
+        )
+    missing = [k for k in ("base", "history", "weights", "checksum") if k not in document]
+    if missing:
+        raise CheckpointError(f"{recipe_path}: missing field(s) {', '.join(missing)}")
+    if document["checksum"] != _checksum(document):
+        raise CheckpointError(
+            f"{recipe_path}: checksum mismatch: the recipe was edited after it was saved"
+        )
+    return document
+
+
+def _check_weights_file(weights: Path, info: dict[str, Any]) -> None:
+    if not weights.is_file():
+        raise CheckpointError(f"{weights.parent}: missing file {weights.name}")
+    size = weights.stat().st_size
+    if size != info["bytes"]:
+        what = "truncated" if size < info["bytes"] else "has extra bytes"
+        raise CheckpointError(
+            f"{weights}: {what}: {size} bytes, the recipe records {info['bytes']}"
+        )
+    digest = _sha256(weights)
+    if digest != info["sha256"]:
+        raise CheckpointError(
+            f"{weights}: sha256 mismatch (file {digest[:16]}..., recipe {info['sha256'][:16]}...): "
+            f"the weights were modified or belong to another model"
+        )
+
+
+def _read_weights(weights: Path, info: dict[str, Any]) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            header = {key: handle.get_slice(key) for key in handle.keys()}
+            shapes = {key: list(s.get_shape()) for key, s in header.items()}
+        tensors = load_file(str(weights), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{weights}: not a readable safetensors file: {exc}") from exc
+    expected = info["tensors"]
+    _raise_on_key_mismatch(weights, "the recipe's key list", expected.keys(), shapes.keys())
+    for key, spec in expected.items():
+        if shapes[key] != spec["shape"]:
+            raise CheckpointError(
+                f"{weights}: tensor {key!r} has shape {shapes[key]}, the recipe records {spec['shape']}"
+            )
+        if _dtype_name(tensors[key].dtype) != spec["dtype"]:
+            raise CheckpointError(
+                f"{weights}: tensor {key!r} has dtype {_dtype_name(tensors[key].dtype)}, the "
+                f"recipe records {spec['dtype']}"
+            )
+    return tensors
+
+
+def _rebuild(document: dict[str, Any]) -> fx.GraphModule:
+    from .models import build  # the builders import timm; only a load needs them
+    from .passes.replay import replay_history
+
+    try:
+        gm = build(document["base"])
+    except Exception as exc:
+        raise CheckpointError(
+            f"cannot rebuild the base model {document['base']!r}: {type(exc).__name__}: {exc}"
+        ) from exc
+    return replay_history(gm, document["history"])
+
+
+def _check_fits(gm: fx.GraphModule, saved: dict[str, torch.Tensor]) -> None:
+    model = {key: value.shape for key, value in gm.state_dict().items()}
+    _raise_on_key_mismatch("the weights", "the rebuilt model", model.keys(), saved.keys())
+    for key, tensor in saved.items():
+        if tuple(tensor.shape) != tuple(model[key]):
+            raise CheckpointError(
+                f"shape mismatch for {key!r}: weights {list(tensor.shape)}, rebuilt model "
+                f"{list(model[key])} (the recipe does not describe these weights)"
+            )
+
+
+def _raise_on_key_mismatch(where: Any, reference: str, expected: Any, found: Any) -> None:
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {_preview(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys {_preview(unexpected)}")
+        raise CheckpointError(f"{where} do not match {reference}: {'; '.join(parts)}")
+
+
+def _state_tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
+    """The live tensor behind every state_dict key of ``gm``."""
+    tensors: dict[str, torch.Tensor] = dict(gm.named_parameters(remove_duplicate=False))
+    tensors.update(gm.named_buffers(remove_duplicate=False))
+    return tensors
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def _preview(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(repr(k) for k in keys[:limit])
+    return f"[{shown}{', ...' if len(keys) > limit else ''}] ({len(keys)})"
+
+
+def _checksum(document: dict[str, Any]) -> str:
+    body = {k: v for k, v in document.items() if k != "checksum"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _fxgrow_version() -> str:
+    from . import __version__
+
+    return __version__

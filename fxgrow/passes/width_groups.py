@@ -1,0 +1,787 @@
+"""Width groups: which linear output channels may be narrowed, found from the graph alone.
+
+The graph is run once on example inputs with, next to every real value, a tensor of the same
+shape holding channel *labels*: each output channel of every linear gets an id, and the shape
+ops of the graph (reshape, permute, split, unbind, getitem, ...) are applied to the labels as
+they are to the values, so heads, q/k/v segments and splits are followed whatever literals or
+computed sizes the code uses. Ops that combine channels position by position (an elementwise
+product, the dot product of q and k, a qk-norm weight) couple the ids they meet; ops that hold a
+width fixed (an add with the residual stream, a conv, a frozen table, the graph output) *tie*
+them, with the node as the reason. Couplings between fx nodes form a networkx graph whose
+connected components are the groups (DESIGN.md section 2).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+import numpy as np
+import scipy.sparse
+import scipy.sparse.csgraph
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ReduceError
+from ..linears import linear_site
+
+
+@dataclass(frozen=True)
+class _Lab:
+    """Labels of one tensor: ``ids`` has the tensor's shape, -1 where nothing is tracked.
+    ``chan`` is True for linear-channel labels, False for a parameter's own element ids."""
+
+    ids: torch.Tensor
+    chan: bool
+
+
+_SHAPE_METHODS = {
+    "reshape", "view", "permute", "transpose", "flatten", "unflatten", "unbind", "split",
+    "chunk", "tensor_split", "squeeze", "unsqueeze", "expand", "expand_as", "reshape_as",
+    "view_as", "t", "movedim", "narrow", "select", "repeat", "flip", "roll", "__getitem__",
+}
+_SHAPE_FUNCTIONS = {
+    torch.reshape, torch.permute, torch.transpose, torch.flatten, torch.unflatten, torch.unbind,
+    torch.split, torch.chunk, torch.tensor_split, torch.squeeze, torch.unsqueeze, torch.movedim,
+    torch.narrow, torch.select, torch.flip, torch.roll, torch.t, operator.getitem,
+}
+_IDENTITY_METHODS = {
+    "contiguous", "clone", "detach", "float", "half", "bfloat16", "double", "to", "type",
+    "type_as", "requires_grad_", "cpu", "cuda",
+}
+_ACT_FUNCTIONS = {
+    F.gelu, F.relu, F.silu, F.hardswish, F.hardsigmoid, F.mish, F.elu, F.leaky_relu, F.sigmoid,
+    F.tanh, torch.sigmoid, torch.tanh, torch.relu, F.relu6, F.selu, F.softplus,
+}
+_ACT_METHODS = {"sigmoid", "tanh", "relu", "gelu", "silu"}
+_ELEMENTWISE_FUNCTIONS = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.iadd,
+    operator.imul, torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.exp, torch.sqrt,
+    torch.rsqrt, torch.abs, torch.erf, torch.clamp, torch.pow, torch.softmax, F.softmax,
+    F.log_softmax, F.dropout, F.normalize, torch.square,
+}
+_ELEMENTWISE_METHODS = {
+    "add", "sub", "mul", "div", "neg", "exp", "sqrt", "rsqrt", "abs", "erf", "clamp", "pow",
+    "softmax", "log_softmax", "masked_fill", "square", "__add__", "__mul__", "__sub__",
+    "__truediv__", "__radd__", "__rmul__",
+}
+_REDUCTION_METHODS = {"sum", "mean", "amax", "norm", "var", "std", "logsumexp"}
+_REDUCTION_FUNCTIONS = {torch.sum, torch.mean, torch.amax, torch.norm, torch.var, torch.std,
+                        torch.logsumexp}
+_SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
+_MATMULS = {operator.matmul, torch.matmul, torch.bmm}
+_CHANNEL_LOCAL_MODULES = (nn.Dropout, nn.Identity, nn.Softmax, nn.Dropout1d, nn.Dropout2d)
+_ACT_MODULES = (
+    nn.GELU, nn.ReLU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Mish, nn.ELU, nn.LeakyReLU,
+    nn.Sigmoid, nn.Tanh, nn.ReLU6, nn.SELU, nn.Softplus, nn.PReLU,
+)
+
+
+def _varies(ids: torch.Tensor, dim: int) -> bool:
+    if ids.shape[dim] <= 1 or ids.stride(dim) == 0:
+        return False
+    # cheap probe first: channel dims usually differ already between their ends
+    if not torch.equal(ids.select(dim, 0), ids.select(dim, -1)):
+        return True
+    return not torch.equal(ids, ids.narrow(dim, 0, 1).expand_as(ids))
+
+
+def _varying_dims(ids: torch.Tensor) -> list[int]:
+    return [d for d in range(ids.dim()) if _varies(ids, d)]
+
+
+def compact(ids: torch.Tensor) -> torch.Tensor:
+    """``ids`` with every dimension along which it is constant cut to size 1."""
+    out = ids
+    for d in range(ids.dim()):
+        if out.shape[d] > 1 and not _varies(out, d):
+            out = out.narrow(d, 0, 1)
+    return out
+
+
+@dataclass
+class WidthGroup:
+    """A set of linear output channels that must be narrowed together.
+
+    ``producers`` are the linear targets whose output rows the group covers, ``consumers`` the
+    targets whose input columns it covers. The channels fall into ``segments`` (one per head
+    and q/k/v part, one for an MLP hidden layer) of ``segment_sizes`` channels each; a
+    reduction keeps the same number in every segment. ``width`` is the segment size (the head
+    dim for attention). ``reason`` says why the group cannot be narrowed (None if it can)."""
+
+    producers: tuple[str, ...]
+    consumers: tuple[str, ...]
+    kind: str
+    width: int
+    segment_sizes: tuple[int, ...]
+    reason: str | None
+    # class ids of each segment, in channel order; class ids index WidthAnalysis.class_of
+    segments: list[np.ndarray] = field(default=None, repr=False)  # type: ignore[assignment]
+    nodes: frozenset[str] = field(default=frozenset(), repr=False)
+
+    @property
+    def reducible(self) -> bool:
+        return self.reason is None
+
+    def __repr__(self) -> str:
+        sizes = set(self.segment_sizes)
+        shape = (f"{len(self.segment_sizes)} x {self.width}" if len(sizes) == 1
+                 else "+".join(map(str, self.segment_sizes)))
+        state = "reducible" if self.reducible else f"tied: {self.reason}"
+        return (f"WidthGroup({self.kind}, {shape}, producers={list(self.producers)}, "
+                f"consumers={list(self.consumers)}, {state})")
+
+
+@dataclass
+class _Consumer:
+    node: str
+    target: str
+    columns: torch.Tensor  # label id per input column, -1 if untracked
+
+
+@dataclass
+class WidthAnalysis:
+    """Everything :func:`width_groups` learnt from one labelled run (used by ``reduce``)."""
+
+    gm: fx.GraphModule
+    groups: list[WidthGroup]
+    labels: dict[str, Any]  # node name -> _Lab | tuple | None
+    meta: dict[str, Any]  # node name -> example shape (tensors) or plain value (sizes)
+    class_of: np.ndarray  # label id -> class id
+    ranges: dict[str, tuple[int, int, str]]  # producer target or param path -> (start, end, kind)
+    consumers: list[_Consumer]
+    logits: dict[str, str]  # matmul/sdpa node name -> its contracted q operand's node name
+    group_of_node: dict[str, int]
+
+
+class _Labeller(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, on_meta: bool):
+        super().__init__(gm)
+        self.on_meta = on_meta  # real values only matter for their shapes and sizes
+        self.meta: dict[str, Any] = {}  # node name -> example shape (tensors) or value
+        self.labels: dict[str, Any] = {}
+        self.next_id = 0
+        self.ranges: dict[str, tuple[int, int, str]] = {}
+        self.unions: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.ties: list[tuple[torch.Tensor, str]] = []
+        self.edges: list[tuple[str, str]] = []
+        self.marks: dict[str, set[str]] = {}
+        self.consumers: list[_Consumer] = []
+        self.logits: dict[str, str] = {}
+        self.producer_nodes: dict[str, list[str]] = {}
+        self.frozen: set[str] = set()
+
+    def fetch_attr(self, target: str) -> Any:
+        value = super().fetch_attr(target)
+        return value.to("meta") if self.on_meta and isinstance(value, torch.Tensor) else value
+
+    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+        if not self.on_meta:
+            return super().call_module(target, args, kwargs)
+        module = self.module.get_submodule(target)
+        state = {name: t.to("meta") for name, t in
+                 [*module.named_parameters(), *module.named_buffers()]}
+        return torch.func.functional_call(module, state, args, kwargs)
+
+    # -- ids ---------------------------------------------------------------------------------
+    def _alloc(self, key: str, shape: Sequence[int], kind: str) -> torch.Tensor:
+        if key not in self.ranges:
+            n = int(np.prod(shape)) if len(shape) else 1
+            self.ranges[key] = (self.next_id, self.next_id + n, kind)
+            self.next_id += n
+        start, end, _ = self.ranges[key]
+        return torch.arange(start, end).reshape(tuple(shape))
+
+    def _union(self, a: torch.Tensor, b: torch.Tensor, nodes: Sequence[str]) -> None:
+        a, b = torch.broadcast_tensors(a, b)
+        for d in range(a.dim()):  # pairs repeat along dims where neither side varies
+            if a.shape[d] > 1 and not _varies(a, d) and not _varies(b, d):
+                a, b = a.narrow(d, 0, 1), b.narrow(d, 0, 1)
+        ok = (a >= 0) & (b >= 0)
+        if bool(ok.any()):
+            self.unions.append((a[ok].reshape(-1), b[ok].reshape(-1)))
+        for other in nodes[1:]:
+            self.edges.append((nodes[0], other))
+
+    def _tie(self, lab: _Lab, reason: str) -> None:
+        ids = compact(lab.ids)
+        ids = ids[ids >= 0].unique()
+        if ids.numel():
+            self.ties.append((ids, reason))
+
+    def _mark(self, name: str, mark: str) -> None:
+        self.marks.setdefault(name, set()).add(mark)
+
+    def _lab(self, arg: Any) -> Any:
+        """The labels of node ``arg`` at the full shape of its value (a broadcast view)."""
+        if not isinstance(arg, fx.Node):
+            return None
+        return _expand(self.labels.get(arg.name), self.meta.get(arg.name))
+
+    # -- the run -----------------------------------------------------------------------------
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        try:
+            lab = self._label(n, result)
+        except ReduceError:
+            raise
+        except Exception as exc:  # a label op the value op accepted: treat as a hard tie
+            for arg in _node_args(n):
+                lab_in = self._lab(arg)
+                if isinstance(lab_in, _Lab) and lab_in.chan:
+                    self._tie(lab_in, f"node {n.name!r} ({_describe(n)}) could not be followed: {exc}")
+            lab = None
+        if lab is not None:
+            # stored compact: labels are constant along batch and token dims
+            self.labels[n.name] = _compact_lab(lab)
+            if not self._explicit_edges(n):
+                # a channel-local op: its output carries its inputs' channels
+                for arg in _node_args(n):
+                    if isinstance(self.labels.get(arg.name), (_Lab, tuple)):
+                        self.edges.append((n.name, arg.name))
+        self.meta[n.name] = _shapes(result)
+        return result
+
+    def _explicit_edges(self, n: fx.Node) -> bool:
+        if n.op == "call_function" and (n.target in _MATMULS or n.target in _SDPA):
+            return True
+        if n.op == "call_method" and n.target in ("matmul", "bmm"):
+            return True
+        return linear_site(self.module, n) is not None
+
+    def _tie_inputs(self, n: fx.Node, why: str) -> None:
+        for arg in _node_args(n):
+            lab = self._lab(arg)
+            for item in (lab if isinstance(lab, tuple) else (lab,)):
+                if isinstance(item, _Lab) and item.chan:
+                    self._tie(item, f"{why} at node {n.name!r} ({_describe(n)})")
+
+    def _label(self, n: fx.Node, result: Any) -> Any:
+        if n.op == "placeholder":
+            return None
+        if n.op == "output":
+            self._tie_inputs(n, "reaches the graph output")
+            return None
+        if n.op == "get_attr":
+            if not isinstance(result, torch.Tensor) or result.dim() == 0:
+                return None
+            if all(_is_weight_of(n, user, self.module) for user in n.users):
+                return None  # a functional linear's weight: its rows are the linear's channels
+            frozen = not isinstance(fx.graph_module._get_attr(self.module, n.target), nn.Parameter)
+            ids = self._alloc(n.target, result.shape, "frozen" if frozen else "param")
+            if frozen:
+                self.frozen.add(n.target)
+                self.ties.append((ids.reshape(-1), (
+                    f"fixed by frozen tensor {n.target!r} of shape {tuple(result.shape)} "
+                    f"(get_attr node {n.name!r})")))
+            return _Lab(ids, chan=False)
+        site = linear_site(self.module, n)
+        if site is not None:
+            return self._linear(n, site, result)
+        in_labs = [self._lab(a) for a in _node_args(n)]
+        if not any(isinstance(x, (_Lab, tuple)) for x in in_labs):
+            return None
+        if n.op == "call_module":
+            return self._module(n, self.module.get_submodule(n.target), result)
+        target = n.target
+        if n.op == "call_method":
+            if target in _IDENTITY_METHODS:
+                return self._lab(n.args[0])
+            if target in _SHAPE_METHODS:
+                return self._shape_op(n, result, method=True)
+            if target in _ELEMENTWISE_METHODS or target in _ACT_METHODS:
+                if target in _ACT_METHODS:
+                    self._mark(n.name, "act")
+                return self._elementwise(n, result)
+            if target in _REDUCTION_METHODS:
+                return self._reduction(n, result)
+            if target in ("matmul", "bmm"):
+                return self._matmul(n, result)
+        elif n.op == "call_function":
+            if target in _SHAPE_FUNCTIONS:
+                return self._shape_op(n, result, method=False)
+            if target in _ACT_FUNCTIONS or target in _ELEMENTWISE_FUNCTIONS:
+                if target in _ACT_FUNCTIONS:
+                    self._mark(n.name, "act")
+                return self._elementwise(n, result)
+            if target in _REDUCTION_FUNCTIONS:
+                return self._reduction(n, result)
+            if target in _MATMULS:
+                return self._matmul(n, result)
+            if target in _SDPA:
+                return self._sdpa(n, result)
+            if target in (torch.cat, torch.concat, torch.stack):
+                return self._cat(n, result)
+            if target is F.layer_norm:
+                return self._layer_norm(n, result)
+        if not _holds_tensor(result):
+            return None  # x.shape, x.size(-1), ...: reading a shape does not tie a width
+        self._tie_inputs(n, "used by an op fxgrow cannot narrow")
+        return None
+
+    # -- handlers ----------------------------------------------------------------------------
+    def _linear(self, n: fx.Node, site: Any, result: torch.Tensor) -> _Lab:
+        lab_in = self._lab(site.input)
+        if isinstance(lab_in, _Lab) and lab_in.chan:
+            ids = lab_in.ids
+            if any(_varies(ids, d) for d in range(ids.dim() - 1)):
+                self._tie(lab_in, f"linear {site.target!r} (node {n.name!r}) mixes channels "
+                                  f"across a non-feature dimension")
+            else:
+                columns = ids.reshape(-1, ids.shape[-1])[0].clone()
+                self.consumers.append(_Consumer(site.input.name, site.target, columns))
+        ids = self._alloc(site.target, (site.out_features,), "producer")
+        self.producer_nodes.setdefault(site.target, []).append(n.name)
+        return _Lab(ids.expand(result.shape), chan=True)
+
+    def _module(self, n: fx.Node, module: nn.Module, result: Any) -> Any:
+        lab = self._lab(n.args[0]) if n.args else None
+        if not isinstance(lab, _Lab) or not lab.chan:
+            return None
+        if isinstance(module, _ACT_MODULES):
+            self._mark(n.name, "act")
+            return lab
+        if isinstance(module, _CHANNEL_LOCAL_MODULES):
+            return lab
+        if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+            k = len(module.normalized_shape)
+            return self._norm(n, lab, {"weight": module.weight, "bias": getattr(module, "bias", None)},
+                              n.target, dims=list(range(-k, 0)))
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            params = {"weight": module.weight, "bias": module.bias,
+                      "running_mean": module.running_mean, "running_var": module.running_var}
+            return self._norm(n, lab, params, n.target, dims=[1])
+        self._tie(lab, f"used by module {n.target!r} ({type(module).__name__}) at node {n.name!r}")
+        return None
+
+    def _norm(self, n: fx.Node, lab: _Lab, params: dict[str, Any], owner: str,
+              dims: list[int]) -> _Lab:
+        ids = lab.ids
+        for name, tensor in params.items():
+            if tensor is None:
+                continue
+            pids = self._alloc(f"{owner}.{name}", tensor.shape, "param")
+            shape = [1] * ids.dim()
+            for d, size in zip(dims, tensor.shape):
+                shape[d] = size
+            self._union(ids, pids.reshape(shape), [n.name])
+        return lab
+
+    def _layer_norm(self, n: fx.Node, result: torch.Tensor) -> Any:
+        lab = self._lab(n.args[0])
+        if not isinstance(lab, _Lab) or not lab.chan:
+            return None
+        args = list(n.args) + [None] * (5 - len(n.args))
+        for i, key in enumerate(("input", "normalized_shape", "weight", "bias", "eps")):
+            if key in n.kwargs:
+                args[i] = n.kwargs[key]
+        for arg in (args[2], args[3]):
+            plab = self._lab(arg)
+            if isinstance(plab, _Lab):
+                self._union(lab.ids, plab.ids, [n.name, arg.name])
+        return lab
+
+    def _shape_op(self, n: fx.Node, result: Any, method: bool) -> Any:
+        first = self._lab(n.args[0])
+        if first is None:
+            return None
+        if isinstance(first, tuple):  # getitem on a split/unbind result
+            if n.target is operator.getitem:
+                return first[n.args[1]]
+            return None
+        kwargs = fx.node.map_arg(n.kwargs, lambda a: self.env[a])
+        rest = list(fx.node.map_arg(tuple(n.args[1:]), lambda a: self.env[a]))
+        if method:
+            out = getattr(first.ids, n.target)(*rest, **kwargs)
+        else:
+            out = n.target(first.ids, *rest, **kwargs)
+        if isinstance(out, torch.Tensor):
+            return _Lab(out, first.chan)
+        return tuple(_Lab(o, first.chan) for o in out)
+
+    def _elementwise(self, n: fx.Node, result: Any) -> Any:
+        if not isinstance(result, torch.Tensor):
+            return None
+        chans, params, acts = [], [], []
+        for arg in _node_args(n):
+            value = self.env[arg]
+            if not isinstance(value, torch.Tensor):
+                continue
+            lab = self._lab(arg)
+            if isinstance(lab, _Lab) and lab.chan:
+                chans.append((arg, lab))
+            elif isinstance(lab, _Lab):
+                params.append((arg, lab))
+            else:
+                acts.append(value)
+        if not chans:
+            if params and not acts:
+                return _Lab(params[0][1].ids.expand(result.shape), False)
+            return None
+        base_node, base = chans[0]
+        out = base.ids.expand(result.shape)
+        for arg, lab in chans[1:] + params:
+            self._union(out, lab.ids, [n.name, base_node.name, arg.name])
+        for arg, _ in chans[1:]:
+            self.edges.append((n.name, arg.name))
+        self.edges.append((n.name, base_node.name))
+        for value in acts:
+            if _broadcast_varies(out, value.shape):
+                for _, lab in chans:
+                    self._tie(lab, f"combined with a tensor outside the group (residual stream?) "
+                                   f"at node {n.name!r} ({_describe(n)})")
+                return None  # tied channels are not narrowed: stop following them
+        return _Lab(out, True)
+
+    def _reduction(self, n: fx.Node, result: Any) -> Any:
+        lab = self._lab(n.args[0])
+        if not isinstance(lab, _Lab) or not lab.chan or not isinstance(result, torch.Tensor):
+            return None
+        dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else None)
+        keepdim = n.kwargs.get("keepdim", n.args[2] if len(n.args) > 2 else False)
+        if n.target in ("norm", torch.norm):  # norm(p, dim, keepdim)
+            dim = n.kwargs.get("dim", n.args[2] if len(n.args) > 2 else None)
+            keepdim = n.kwargs.get("keepdim", n.args[3] if len(n.args) > 3 else False)
+        if not isinstance(dim, (int, tuple, list)):
+            return None
+        dims = [dim] if isinstance(dim, int) else list(dim)
+        if any(_varies(lab.ids, d) for d in dims):
+            return None
+        out = torch.amax(lab.ids, dim=tuple(dims), keepdim=bool(keepdim))
+        self.edges.append((n.name, n.args[0].name))
+        return _Lab(out, True)
+
+    def _matmul(self, n: fx.Node, result: torch.Tensor) -> Any:
+        a_node, b_node = n.args[0], n.args[1]
+        a, b = self.env[a_node], self.env[b_node]
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.dim() < 2 or b.dim() < 2:
+            self._tie_inputs(n, "used by a matmul fxgrow cannot follow")
+            return None
+        la, lb = self._lab(a_node), self._lab(b_node)
+        la = la if isinstance(la, _Lab) and la.chan else None
+        lb = lb if isinstance(lb, _Lab) and lb.chan else None
+        batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+        ea = la.ids.expand(*batch, *a.shape[-2:]) if la else None
+        eb = lb.ids.expand(*batch, *b.shape[-2:]) if lb else None
+        a_con = ea is not None and _varies(ea, -1)
+        b_con = eb is not None and _varies(eb, -2)
+        if a_con and b_con:
+            self._union(ea[..., 0, :], eb[..., :, 0], [a_node.name, b_node.name])
+            self.edges.append((a_node.name, b_node.name))
+            self._mark(a_node.name, "attn")
+            self._mark(b_node.name, "attn")
+            self.logits[n.name] = a_node.name
+        elif a_con or b_con:
+            lab = la if a_con else lb
+            self._tie(lab, f"contracted by matmul node {n.name!r} with a tensor outside the group")
+        a_out = None if (ea is None or a_con) else ea[..., :, :1]
+        b_out = None if (eb is None or b_con) else eb[..., :1, :]
+        if a_out is not None and b_out is not None:
+            a_rows, b_cols = _varies(a_out, -2), _varies(b_out, -1)
+            if a_rows and b_cols:
+                why = f"mixed with other channels by matmul node {n.name!r} (channel attention)"
+                self._tie(la, why)
+                self._tie(lb, why)
+                self._mark(a_node.name, "attn")
+                self._mark(b_node.name, "attn")
+                return None
+            if b_cols:
+                self._tie(la, f"scales value channels per head at matmul node {n.name!r}")
+                self._mark(b_node.name, "attn")
+                self.edges.append((n.name, b_node.name))
+                return _Lab(b_out.expand(result.shape), True)
+            if a_rows:
+                self._tie(lb, f"scales channels per head at matmul node {n.name!r}")
+                self.edges.append((n.name, a_node.name))
+                return _Lab(a_out.expand(result.shape), True)
+            self._union(a_out[..., :1, :1], b_out[..., :1, :1], [n.name, a_node.name, b_node.name])
+            return _Lab(a_out.expand(result.shape), True)
+        if b_out is not None:
+            if _varies(b_out, -1):
+                self._mark(b_node.name, "attn")
+            self.edges.append((n.name, b_node.name))
+            return _Lab(b_out.expand(result.shape), True)
+        if a_out is not None:
+            if _varies(a_out, -2):
+                self._mark(a_node.name, "attn")
+            self.edges.append((n.name, a_node.name))
+            return _Lab(a_out.expand(result.shape), True)
+        return None
+
+    def _sdpa(self, n: fx.Node, result: torch.Tensor) -> Any:
+        names = ("query", "key", "value")
+        nodes = [n.kwargs.get(k, n.args[i] if i < len(n.args) else None) for i, k in enumerate(names)]
+        labs = []
+        for node in nodes:
+            lab = self._lab(node)
+            labs.append(lab if isinstance(lab, _Lab) and lab.chan else None)
+        lq, lk, lv = labs
+        q, k = self.env[nodes[0]], self.env[nodes[1]]
+        batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
+        eq = lq.ids.expand(*batch, *q.shape[-2:]) if lq else None
+        ek = lk.ids.expand(*batch, *k.shape[-2:]) if lk else None
+        if any(e is not None and _varies(e, -2) for e in (eq, ek)) or (lv and _varies(lv.ids, -2)):
+            why = f"mixed with other channels by attention node {n.name!r} (channel attention)"
+            for lab, node in zip(labs, nodes):
+                if lab is not None:
+                    self._tie(lab, why)
+                    self._mark(node.name, "attn")
+            return None
+        if eq is not None and ek is not None:
+            self._union(eq[..., 0, :], ek[..., 0, :], [nodes[0].name, nodes[1].name])
+            self.edges.append((nodes[0].name, nodes[1].name))
+            self._mark(nodes[0].name, "attn")
+            self._mark(nodes[1].name, "attn")
+            self.logits[n.name] = nodes[0].name
+        elif lq is not None or lk is not None:
+            self._tie(lq or lk, f"query/key meet a tensor outside the group at node {n.name!r}")
+        for arg in [*n.args[3:], n.kwargs.get("attn_mask")]:
+            lab = self._lab(arg)
+            if isinstance(lab, _Lab) and lab.chan:
+                self._tie(lab, f"used as an attention mask at node {n.name!r}")
+        if lv is None:
+            return None
+        self._mark(nodes[2].name, "attn")
+        self.edges.append((n.name, nodes[2].name))
+        return _Lab(lv.ids[..., :1, :].expand(result.shape), True)
+
+    def _cat(self, n: fx.Node, result: torch.Tensor) -> Any:
+        tensors = n.args[0] if n.args else n.kwargs["tensors"]
+        dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
+        labs = [self._lab(t) for t in tensors]
+        chans = [lab for lab in labs if isinstance(lab, _Lab) and lab.chan]
+        if not chans:
+            if all(isinstance(lab, _Lab) for lab in labs):
+                return _Lab(n.target([lab.ids for lab in labs], dim), False)
+            return None
+        if len(chans) != len(labs):
+            for lab in chans:
+                self._tie(lab, f"concatenated with tensors outside the group at node {n.name!r}")
+            return None
+        for t in tensors:
+            self.edges.append((n.name, t.name))
+        if n.target is torch.stack or any(_varies(lab.ids, dim) for lab in chans):
+            return _Lab(n.target([lab.ids for lab in labs], dim), True)
+        first = chans[0].ids.narrow(dim, 0, 1)
+        for lab in chans[1:]:
+            self._union(first, lab.ids.narrow(dim, 0, 1), [n.name])
+        return _Lab(first.expand(result.shape), True)
+
+
+def _broadcast_varies(ids: torch.Tensor, other_shape: Sequence[int]) -> bool:
+    """Whether a tensor of ``other_shape`` differs along a dim where ``ids`` varies."""
+    offset = ids.dim() - len(other_shape)
+    for d, size in enumerate(other_shape):
+        if size > 1 and _varies(ids, d + offset):
+            return True
+    return False
+
+
+def _node_args(n: fx.Node) -> list[fx.Node]:
+    found: list[fx.Node] = []
+    fx.node.map_arg((n.args, n.kwargs), lambda a: found.append(a) or a)
+    return found
+
+
+def _compact_lab(lab: Any) -> Any:
+    if isinstance(lab, tuple):
+        return tuple(_compact_lab(x) for x in lab)
+    return _Lab(compact(lab.ids), lab.chan) if isinstance(lab, _Lab) else lab
+
+
+def _expand(lab: Any, shape: Any) -> Any:
+    if isinstance(lab, tuple):
+        return tuple(_expand(x, s) for x, s in zip(lab, shape))
+    if isinstance(lab, _Lab) and isinstance(shape, tuple):
+        return _Lab(lab.ids.expand(shape), lab.chan)
+    return lab
+
+
+def _is_weight_of(node: fx.Node, user: fx.Node, gm: fx.GraphModule) -> bool:
+    site = linear_site(gm, user)
+    return site is not None and site.weight_node is node
+
+
+def _is_chan(lab: Any) -> bool:
+    if isinstance(lab, tuple):
+        return any(_is_chan(x) for x in lab)
+    return isinstance(lab, _Lab) and lab.chan
+
+
+def _shapes(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape)
+    if isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value):
+        return tuple(_shapes(v) for v in value)
+    return value if isinstance(value, (int, float, bool, torch.Size)) else None
+
+
+def _holds_tensor(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, (tuple, list)):
+        return any(_holds_tensor(v) for v in value)
+    return False
+
+
+def _describe(n: fx.Node) -> str:
+    if n.op == "call_module":
+        return f"call_module {n.target}"
+    name = getattr(n.target, "__name__", str(n.target))
+    return f"{n.op} {name}"
+
+
+def synthesise_inputs(gm: fx.GraphModule) -> tuple[torch.Tensor, ...]:
+    """Example inputs for a graph with one tensor input: an image batch of one when the input
+    first meets a Conv2d (its ``in_channels``; side = ``img_size`` of any submodule, else 224),
+    a (1, 8, in_features) sequence when it first meets a linear."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder" and not n.args]
+    if len(placeholders) != 1:
+        raise ReduceError(f"graph has {len(placeholders)} inputs: pass example_inputs")
+    frontier, seen = [placeholders[0]], set()
+    while frontier:
+        node = frontier.pop(0)
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            if isinstance(module, nn.Conv2d):
+                side = 224
+                for sub in gm.modules():
+                    size = getattr(sub, "img_size", None)
+                    if isinstance(size, int):
+                        side = size
+                        break
+                    if isinstance(size, (tuple, list)) and len(size) == 2:
+                        side = int(size[0])
+                        break
+                return (torch.randn(1, module.in_channels, side, side),)
+            if isinstance(module, nn.Linear):
+                return (torch.randn(1, 8, module.in_features),)
+        site = linear_site(gm, node)
+        if site is not None:
+            return (torch.randn(1, 8, site.in_features),)
+        frontier.extend(node.users)
+    raise ReduceError("cannot guess an example input for this graph: pass example_inputs")
+
+
+def _hash_lines(node_index: int, lines: torch.Tensor) -> torch.Tensor:
+    # splitmix64 of (node, line): a set hash that separates segments seen on different lines
+    x = lines.to(torch.int64) + (node_index + 1) * 0x9E3779B97F4A7C15 % (1 << 62)
+    x = (x ^ (x >> 30)) * 0x5F6A7C15B4F7
+    x = (x ^ (x >> 27)) * 0x94D049BB1331
+    return x ^ (x >> 31)
+
+
+def analyse(gm: fx.GraphModule, example_inputs: Sequence[Any] | None = None) -> WidthAnalysis:
+    """Run the labelled interpretation of ``gm`` and build its width groups."""
+    if example_inputs is None:
+        example_inputs = synthesise_inputs(gm)
+    elif isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    with torch.no_grad():
+        try:  # shapes on the meta device cost nothing; some graphs need real values
+            labeller = _Labeller(gm, on_meta=True)
+            labeller.run(*[x.to("meta") if isinstance(x, torch.Tensor) else x
+                           for x in example_inputs])
+        except ReduceError:
+            raise
+        except Exception:
+            labeller = _Labeller(gm, on_meta=False)
+            try:
+                labeller.run(*example_inputs)
+            except ReduceError:
+                raise
+            except Exception as exc:
+                raise ReduceError(f"the graph does not run on the example inputs: "
+                                  f"{type(exc).__name__}: {exc}") from exc
+    n_ids = labeller.next_id
+    if labeller.unions:
+        a = torch.cat([u[0] for u in labeller.unions]).numpy()
+        b = torch.cat([u[1] for u in labeller.unions]).numpy()
+    else:
+        a = b = np.zeros(0, dtype=np.int64)
+    adjacency = scipy.sparse.coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n_ids, n_ids))
+    _, class_of = scipy.sparse.csgraph.connected_components(adjacency, directed=False)
+    class_of = class_of.astype(np.int64)
+    tie_reason: dict[int, str] = {}
+    for ids, reason in labeller.ties:
+        for c in np.unique(class_of[ids.numpy()]):
+            tie_reason.setdefault(int(c), reason)
+
+    graph = nx.Graph()
+    for name, lab in labeller.labels.items():
+        if _is_chan(lab):
+            graph.add_node(name)
+    for u, v in labeller.edges:
+        if u in labeller.labels and v in labeller.labels:
+            graph.add_edge(u, v)
+    node_index = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    consumers_by_node: dict[str, list[str]] = {}
+    for c in labeller.consumers:
+        consumers_by_node.setdefault(c.node, []).append(c.target)
+    producers_by_node = {node: target for target, nodes in labeller.producer_nodes.items()
+                         for node in nodes}
+
+    n_classes = int(class_of.max()) + 1 if len(class_of) else 0
+    first_unit = np.full(n_classes, np.iinfo(np.int64).max)
+    groups: list[WidthGroup] = []
+    group_of_node: dict[str, int] = {}
+    components = sorted(nx.connected_components(graph), key=lambda c: min(node_index[x] for x in c))
+    for component in components:
+        producers = sorted({producers_by_node[x] for x in component if x in producers_by_node},
+                           key=lambda t: node_index[labeller.producer_nodes[t][0]])
+        if not producers:
+            continue
+        consumers = sorted({t for x in component for t in consumers_by_node.get(x, ())})
+        unit_ids = np.concatenate([np.arange(*labeller.ranges[t][:2]) for t in producers])
+        classes = np.unique(class_of[unit_ids])
+        # segments: classes that sit on exactly the same lines of the group's tensors
+        key = torch.zeros(len(classes), dtype=torch.int64)
+        for name in component:
+            lab = labeller.labels.get(name)
+            if not isinstance(lab, _Lab) or not lab.chan:
+                continue
+            ids = compact(lab.ids)
+            vary = [d for d in range(ids.dim()) if ids.shape[d] > 1]
+            if not vary:
+                continue
+            rows = ids.movedim(vary[-1], -1).reshape(-1, ids.shape[vary[-1]])
+            lines = torch.arange(rows.shape[0]).unsqueeze(1).expand_as(rows)
+            keep = rows >= 0
+            cls = torch.from_numpy(np.searchsorted(classes, class_of[rows[keep].numpy()]))
+            n_lines = rows.shape[0]
+            pairs = np.unique(cls.numpy() * n_lines + lines[keep].numpy())
+            key.index_add_(0, torch.from_numpy(pairs // n_lines),
+                           _hash_lines(node_index[name], torch.from_numpy(pairs % n_lines)))
+        np.minimum.at(first_unit, class_of[unit_ids], unit_ids)
+        ordered = classes[np.argsort(first_unit[classes], kind="stable")]
+        seg_key = key[torch.from_numpy(np.searchsorted(classes, ordered))].numpy()
+        _, first_seen, seg_index = np.unique(seg_key, return_index=True, return_inverse=True)
+        seg_list = [ordered[seg_index == s] for s in np.argsort(first_seen, kind="stable")]
+        sizes = tuple(len(s) for s in seg_list)
+        marks = set().union(*(labeller.marks.get(x, set()) for x in component))
+        kind = "attn_head" if "attn" in marks else "mlp_hidden" if "act" in marks else "other"
+        reason = next((tie_reason[int(c)] for c in classes if int(c) in tie_reason), None)
+        index = len(groups)
+        groups.append(WidthGroup(tuple(producers), tuple(consumers), kind,
+                                 max(sizes) if sizes else 0, sizes, reason, seg_list,
+                                 frozenset(component)))
+        for x in component:
+            group_of_node[x] = index
+    return WidthAnalysis(gm, groups, labeller.labels, labeller.meta, class_of,
+                         labeller.ranges, labeller.consumers, labeller.logits, group_of_node)
+
+
+def width_groups(gm: fx.GraphModule, example_inputs: Sequence[Any] | None = None) -> list[WidthGroup]:
+    """The width groups of ``gm``, in graph order (see the module docstring).
+
+    ``example_inputs`` are run through the graph once to learn shapes; if None they are
+    synthesised (see :func:`synthesise_inputs`). Raises ReduceError if the graph cannot run."""
+    return analyse(gm, example_inputs).groups

@@ -1,0 +1,290 @@
+"""The built-in trainer: AdamW (timm's optimizer factory, which keeps biases and 1-D
+parameters out of weight decay), a per-step warm-up + cosine learning-rate schedule,
+optional label smoothing and gradient clipping, top-1/top-5 evaluation, and growth through
+:class:`fxgrow.scaling.Scaler`. Every epoch and every growth round is checkpointed
+(:mod:`fxgrow.checkpoint`) and logged in the run directory (:mod:`fxgrow.runlog`).
+
+Gradient clipping (``clip_grad``) is by global gradient norm: it is the one setting under
+which growth changes the next step of existing parameters, because the norm then includes
+the new parameters' gradients. Without it, a grown model's existing parameters step
+exactly as the ungrown model's would have.
+
+Determinism: batch order is a function of (seed, epoch) (:class:`fxgrow.data.EpochSampler`)
+and the RNG states are checkpointed, so a run resumed from its run directory ends with the
+same weights and metrics, bit for bit on the CPU, as an uninterrupted one (``time`` excepted).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import checkpoint, data as data_mod
+from .errors import ScheduleError
+from .recipes import recipe
+from .runlog import RunDir, summary_table
+from .scaling import Scaler, ScalingSchedule
+
+
+@dataclass
+class TrainConfig:
+    """Training hyper-parameters. ``warmup_epochs`` is the learning-rate warm-up (linear,
+    per step), unrelated to the scaling schedule's warm-up."""
+
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    optimizer: str = "adamw"
+    label_smoothing: float = 0.0
+    clip_grad: float | None = None
+    seed: int = 0
+    eval_batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.epochs <= 0:
+            raise ScheduleError(f"epochs must be positive, got {self.epochs}")
+        if self.batch_size <= 0 or self.eval_batch_size <= 0:
+            raise ScheduleError("batch sizes must be positive")
+        if not self.lr > 0 or self.min_lr < 0 or self.weight_decay < 0:
+            raise ScheduleError("lr must be positive, min_lr and weight_decay non-negative")
+        if self.warmup_epochs < 0 or not 0 <= self.label_smoothing < 1:
+            raise ScheduleError("warmup_epochs must be >= 0 and label_smoothing in [0, 1)")
+        if self.clip_grad is not None and not self.clip_grad > 0:
+            raise ScheduleError(f"clip_grad must be positive, got {self.clip_grad}")
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """timm's ``create_optimizer_v2`` (decay / no-decay groups)."""
+    from timm.optim import create_optimizer_v2
+
+    return create_optimizer_v2(model, config.optimizer, lr=config.lr,
+                               weight_decay=config.weight_decay)
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up then cosine decay to ``min_lr``, stepped once per optimizer step."""
+    total = config.epochs * steps_per_epoch
+    warmup = int(round(config.warmup_epochs * steps_per_epoch))
+    floor = config.min_lr / config.lr
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@torch.no_grad()
+def evaluate(model: fx.GraphModule, loader: Any) -> dict[str, float]:
+    """Mean cross-entropy, top-1 and top-5 accuracy (%) over ``loader``."""
+    was_training = model.training
+    model.eval()
+    loss_sum, top1, top5, count = 0.0, 0, 0, 0
+    try:
+        for inputs, labels in loader:
+            logits = model(inputs)
+            loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+            best = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+            hits = best == labels[:, None]
+            top1 += int(hits[:, 0].sum())
+            top5 += int(hits.any(dim=-1).sum())
+            count += len(labels)
+    finally:
+        model.train(was_training)
+    return {"val_loss": loss_sum / count, "top1": 100.0 * top1 / count,
+            "top5": 100.0 * top5 / count}
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+@dataclass
+class RunResult:
+    """What :func:`fit` returns."""
+
+    model: fx.GraphModule
+    metrics: list[dict[str, Any]]
+    growth: list[dict[str, Any]]
+    summary: str
+
+
+class _FlopCache:
+    def __init__(self, sample: torch.Tensor) -> None:
+        self.sample, self.key, self.value = sample, None, 0
+
+    def __call__(self, model: fx.GraphModule) -> int:
+        from .verify import count_flops
+
+        if self.key is not model:
+            # Forked so that counting (done only when the model changes, so not at the same
+            # points in a resumed run) leaves the RNG stream of training untouched.
+            with torch.random.fork_rng():
+                self.key, self.value = model, int(count_flops(model, self.sample).total)
+        return self.value
+
+
+def fit(
+    model: fx.GraphModule,
+    bundle: data_mod.DataBundle,
+    config: TrainConfig,
+    run_dir: str,
+    *,
+    schedule: ScalingSchedule | None = None,
+    run_config: dict[str, Any] | None = None,
+    resume: bool = False,
+    quiet: bool = False,
+) -> RunResult:
+    """Train ``model`` (a GraphModule with a base spec, so it can be checkpointed) on
+    ``bundle``, growing it on ``schedule``, logging into the new directory ``run_dir``.
+
+    With ``resume=True`` the run continues from the latest checkpoint in ``run_dir``;
+    ``model`` then only needs to be the run's starting model (its recipe must match), the
+    weights come from the checkpoint. ``run_config`` is extra JSON the run directory
+    records (what the command line was given); a resume with a different one is refused.
+
+    Raises:
+        CheckpointError: ``run_dir`` exists without ``resume``; no or a foreign checkpoint.
+    """
+    from .verify import count_params
+
+    run = RunDir(run_dir, resume=resume)
+    full_config = {
+        "train": dataclasses.asdict(config),
+        "schedule": schedule.to_dict() if schedule is not None else None,
+        "data": bundle.name,
+        "img_size": bundle.img_size,
+        "base": recipe(model)["base"],
+        "start_history": recipe(model)["history"],
+        "extra": run_config or {},
+    }
+    full_config = _json_roundtrip(full_config)
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    train_loader = data_mod.loader(bundle.train, config.batch_size, seed=config.seed,
+                                   drop_last=True)
+    if len(train_loader) == 0:
+        raise ScheduleError(
+            f"batch_size {config.batch_size} exceeds the {len(bundle.train)} training images"
+        )
+    val_loader = data_mod.loader(bundle.val, config.eval_batch_size, shuffle=False)
+    analysis: list[Any] = []
+    if schedule is not None:
+        fixed = data_mod.loader(bundle.train, config.batch_size, shuffle=False)
+        for batch in fixed:
+            analysis.append(batch)
+            if len(analysis) == schedule.analysis_batches:
+                break
+    sample = bundle.val[0][0].unsqueeze(0)
+    flops = _FlopCache(sample)
+
+    if resume:
+        if run.config() != full_config:
+            diff = checkpoint._config_diff(run.config(), full_config)
+            raise checkpoint.CheckpointError(
+                f"{run_dir} was started with another configuration:\n  " + "\n  ".join(diff)
+            )
+        ckpt = checkpoint.load(run_dir, full_config)
+        model = ckpt.model
+        model.train()
+        optimizer = make_optimizer(model, config)
+        ckpt.restore_optimizer(optimizer)
+        scheduler = make_scheduler(optimizer, config, len(train_loader))
+        scheduler.load_state_dict(ckpt.state["scheduler"])
+        checkpoint.restore_rng(ckpt.state["rng"])
+        metrics = list(ckpt.state["metrics"])
+        start = ckpt.epoch + 1
+    else:
+        seed_everything(config.seed)
+        run.create(full_config)
+        model.train()
+        optimizer = make_optimizer(model, config)
+        scheduler = make_scheduler(optimizer, config, len(train_loader))
+        metrics, start, ckpt = [], 0, None
+    scaler = None
+    if schedule is not None:
+        scaler = Scaler(model, optimizer, schedule, analysis, criterion,
+                        flop_inputs=sample, progress=not quiet, seed=config.seed)
+        if ckpt is not None:
+            scaler.load_state_dict(ckpt.state["scaler"])
+
+    def save(epoch: int, stage: str) -> None:
+        checkpoint.save(run_dir, model=model, optimizer=optimizer, scheduler=scheduler,
+                        scaler=scaler, epoch=epoch, stage=stage, metrics=metrics,
+                        config=full_config)
+        run.write_metrics(metrics)
+        run.write_growth(scaler.records if scaler is not None else [])
+
+    def maybe_grow(epoch: int) -> fx.GraphModule:
+        if scaler is None:
+            return model
+        before = len(scaler.records)
+        grown = scaler.after_epoch(epoch)
+        if len(scaler.records) > before:
+            record = scaler.records[-1]
+            if record.get("grown") and scaler.last_report is not None:
+                run.plot_round(scaler.last_report, record["round"])
+        return grown
+
+    if ckpt is not None and start > 0:
+        previous = len(scaler.records) if scaler is not None else 0
+        model = maybe_grow(ckpt.epoch)
+        if scaler is not None and len(scaler.records) > previous:
+            save(ckpt.epoch, "grown")
+    for epoch in range(start, config.epochs):
+        started = time.perf_counter()
+        train_loader.sampler.set_epoch(epoch)
+        model.train()
+        loss_sum, steps = 0.0, 0
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=quiet,
+                   leave=False)
+        for inputs, labels in bar:
+            loss = criterion(model(inputs), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.clip_grad is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
+            optimizer.step()
+            scheduler.step()
+            loss_sum += loss.item()
+            steps += 1
+            checkpoint.fault_point("step")
+        record = {"epoch": epoch, "train_loss": loss_sum / steps, **evaluate(model, val_loader),
+                  "params": count_params(model), "flops": flops(model),
+                  "lr": optimizer.param_groups[0]["lr"], "time": time.perf_counter() - started}
+        metrics.append(record)
+        save(epoch, "epoch")
+        checkpoint.fault_point("epoch_end")
+        rounds = len(scaler.records) if scaler is not None else 0
+        model = maybe_grow(epoch)
+        if scaler is not None and len(scaler.records) > rounds:
+            save(epoch, "grown")
+            checkpoint.fault_point("after_growth")
+    records = scaler.records if scaler is not None else []
+    run.plot_metrics(metrics, [r["epoch"] for r in records if r.get("grown")])
+    summary = summary_table(metrics, records)
+    return RunResult(model, metrics, records, summary)
+
+
+def _json_roundtrip(value: Any) -> Any:
+    import json
+
+    return json.loads(json.dumps(value))

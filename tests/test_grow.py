@@ -1,0 +1,378 @@
+import copy
+import json
+import math
+import operator
+
+import pytest
+import timm
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+import fxgrow
+from fxgrow import GrowthPlan, PlanError
+from fxgrow.passes import grow, grow_lineage
+from fxgrow.verify import check_equivalence
+
+DIM, HEADS, MLP_RATIO, DEPTH, CLASSES, IMG, PATCH = 24, 2, 2.0, 2, 5, 16, 8
+HIDDEN = int(DIM * MLP_RATIO)
+TOKENS = (IMG // PATCH) ** 2 + 1  # patches + class token
+
+
+def _vit(**overrides) -> nn.Module:
+    kwargs = dict(pretrained=False, num_classes=CLASSES, img_size=IMG, patch_size=PATCH,
+                  depth=DEPTH, embed_dim=DIM, num_heads=HEADS, mlp_ratio=MLP_RATIO)
+    kwargs.update(overrides)
+    return timm.create_model("vit_tiny_patch16_224", **kwargs).eval()
+
+
+def _x(batch: int = 2) -> torch.Tensor:
+    return torch.randn(batch, 3, IMG, IMG)
+
+
+def _snapshot(gm: fx.GraphModule) -> tuple:
+    return (
+        gm.code,
+        str(gm.graph),
+        {k: v.clone() for k, v in gm.state_dict().items()},
+        {n: type(m) for n, m in gm.named_modules()},
+        json.dumps(fxgrow.recipe(gm)),
+        gm.training,
+    )
+
+
+def _assert_unchanged(gm, snapshot) -> None:
+    code, graph, state, modules, recipe, training = snapshot
+    assert gm.code == code and str(gm.graph) == graph
+    now = gm.state_dict()
+    assert now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
+    assert {n: type(m) for n, m in gm.named_modules()} == modules
+    assert json.dumps(fxgrow.recipe(gm)) == recipe and gm.training == training
+
+
+def _all_grads(gm: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    named = [(n, p) for n, p in gm.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(gm(x).sum(), [p for _, p in named], allow_unused=True)
+    return {n: g for (n, _), g in zip(named, grads)}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int32)
+
+
+@pytest.fixture(scope="module")
+def base():
+    return fxgrow.trace(_vit())
+
+
+def _full_plan(gm) -> GrowthPlan:
+    sites = fxgrow.linear_sites(gm)
+    g = torch.Generator().manual_seed(1)
+    return GrowthPlan({
+        t: torch.randperm(s[0].out_features, generator=g)[: max(1, s[0].out_features // 4)]
+        for t, s in sites.items()
+    })
+
+
+@pytest.mark.parametrize("mode", ["paper", "fused"])
+def test_grown_vit_is_exact_with_unchanged_gradients(base, mode):
+    grown = grow(base, _full_plan(base), mode=mode)
+    report = check_equivalence(base, grown, _x())
+    assert report.ok, report.table(only_failures=True)
+    grad_rows = [r for r in report.rows if r.kind == "grad"]
+    assert {r.name for r in grad_rows} == {n for n, _ in base.named_parameters()}
+    assert all(r.max_abs_diff == 0.0 for r in report.rows)
+    value_rows = {r.name for r in report.rows if r.kind == "value"}
+    assert value_rows == {n.name for n in base.graph.nodes}  # every original node matched
+    x = _x()
+    assert torch.equal(_bits(grown(x)), _bits(base(x)))
+
+
+def test_pair_members_get_the_same_nonzero_gradient_of_one_and_a_half_g_x(base):
+    plan = GrowthPlan({"blocks.0.mlp.fc1": [0, 7, 30], "blocks.1.attn.proj": [3]})
+    grown = grow(base, plan)
+    x = _x()
+    grads = _all_grads(grown, x)
+    for target, indices in plan.items():
+        plus, minus = (f"{target}_grow0_{r}" for r in ("plus", "minus"))
+        for kind in ("weight", "bias"):
+            g_plus, g_minus = grads[f"{plus}.{kind}"], grads[f"{minus}.{kind}"]
+            assert torch.equal(g_plus, g_minus) and g_plus.abs().sum() > 0
+        # independent reference: at growth the new weight's gradient is 1.5 * g_S^T x
+        stash = {}
+        handles = [
+            base.get_submodule(target).register_forward_hook(
+                lambda m, i, o: stash.update(x=i[0], o=o) or o.retain_grad())
+        ]
+        out = base(x)
+        out.sum().backward(inputs=[stash["o"]])
+        handles[0].remove()
+        g_s = stash["o"].grad[..., list(indices)].reshape(-1, len(indices)).double()
+        inp = stash["x"].detach().reshape(-1, stash["x"].shape[-1]).double()
+        expected = 1.5 * g_s.T @ inp
+        torch.testing.assert_close(grads[f"{plus}.weight"].double(), expected, rtol=1e-5,
+                                   atol=1e-6)
+
+
+def test_signed_zero_outputs_stay_bitwise():
+    # A linear whose output holds -0.0: O + 0.0 would make it +0.0.
+    model = nn.Sequential(nn.Linear(1, 3))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0], [2.0], [-1.0]]))
+        model[0].bias.copy_(torch.tensor([-0.0, -0.0, 0.5]))
+    gm = fxgrow.trace(model)
+    x = torch.tensor([[-0.0], [0.0], [-0.0], [1.5]])
+    out = gm(x)
+    assert torch.signbit(out[out == 0]).any()  # the case is really exercised
+    assert not torch.equal(_bits(out + 0.0), _bits(out))
+    for mode in ("paper", "fused"):
+        grown = grow(gm, {"0": [0, 1, 2]}, mode=mode)
+        assert torch.equal(_bits(grown(x)), _bits(out)), mode
+
+
+def test_input_of_several_consumers_keeps_exact_gradients():
+    class Gate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.fc2(x) * self.fc1(x) + x * 3.0
+
+    model = Gate()
+    gm = fxgrow.trace(model)
+    grown = grow(gm, {"fc1": [0, 2, 5], "fc2": [1, 2]})
+    grown = grow(grown, {"fc1": [5], "fc2_grow0_minus": [0, 1]})
+    x = torch.randn(5, 8, requires_grad=True)
+    ref_grad, = torch.autograd.grad(gm(x).sum(), [x])
+    new_grad, = torch.autograd.grad(grown(x).sum(), [x])
+    assert torch.equal(ref_grad, new_grad)
+    assert check_equivalence(gm, grown, torch.randn(3, 8)).ok
+
+
+def test_shared_module_grows_at_every_call_with_the_same_new_modules():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 6)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.fc(x)))
+
+    gm = fxgrow.trace(Twice())
+    grown = grow(gm, {"fc": [1, 4]})
+    calls = [n.target for n in grown.graph.nodes if n.op == "call_module"]
+    assert calls.count("fc_grow0_plus") == 2 and calls.count("fc_grow0_minus") == 2
+    new_params = {n for n, _ in grown.named_parameters()} - {n for n, _ in gm.named_parameters()}
+    assert new_params == {f"fc_grow0_{r}.{k}" for r in ("plus", "minus") for k in ("weight", "bias")}
+    report = check_equivalence(gm, grown, torch.randn(4, 6))
+    assert report.ok, report.table(only_failures=True)
+
+
+def test_functional_qkv_with_computed_bias_grows_from_the_cat_bias():
+    model = timm.create_model(
+        "beit_base_patch16_224", pretrained=False, num_classes=CLASSES, img_size=IMG,
+        patch_size=PATCH, depth=1, embed_dim=DIM, num_heads=HEADS, mlp_ratio=MLP_RATIO,
+    ).eval()
+    with torch.no_grad():  # timm initialises these at zero; make the check meaningful
+        model.blocks[0].attn.q_bias.normal_()
+        model.blocks[0].attn.v_bias.normal_()
+    gm = fxgrow.trace(model)
+    target = "blocks.0.attn.qkv.weight"
+    site = fxgrow.linear_sites(gm)[target][0]
+    assert site.kind == "functional"
+    indices = [1, DIM + 2, 2 * DIM + 3]  # one q, one k, one v channel
+    grown = grow(gm, {target: indices}, scale=0.5)
+    plus = grown.get_submodule("blocks.0.attn.qkv_grow0_plus")
+    attn = model.blocks[0].attn
+    bias = torch.cat([attn.q_bias, torch.zeros(DIM), attn.v_bias])
+    assert torch.equal(plus.bias, 0.5 * bias[indices])
+    assert torch.equal(plus.weight, 0.5 * attn.qkv.weight[indices])
+    report = check_equivalence(gm, grown, _x())
+    assert report.ok, report.table(only_failures=True)
+
+
+def test_names_rounds_nested_growth_record_and_lineage(base):
+    first = grow(base, {"blocks.0.mlp.fc1": [2, 9], "head": [0]}, scale=0.25)
+    second = grow(first, {"blocks.0.mlp.fc1": [9], "blocks.0.mlp.fc1_grow0_plus": [1]},
+                  mode="fused")
+    new = {n for n, _ in second.named_modules()} - {n for n, _ in base.named_modules()}
+    assert new == {
+        "blocks.0.mlp.fc1_grow0_plus", "blocks.0.mlp.fc1_grow0_minus", "head_grow0_plus",
+        "head_grow0_minus", "blocks.0.mlp.fc1_grow1_fused",
+        "blocks.0.mlp.fc1_grow0_plus_grow0_fused",
+    }
+    records = fxgrow.history(second)
+    assert [r["pass"] for r in records] == ["grow", "grow"]
+    args = records[0]["args"]
+    assert GrowthPlan.from_dict(args["plan"]) == GrowthPlan({"blocks.0.mlp.fc1": [2, 9],
+                                                            "head": [0]})
+    assert args["scale"] == 0.25 and args["mode"] == "paper"
+    assert args["created"]["blocks.0.mlp.fc1_grow0_minus"] == {
+        "target": "blocks.0.mlp.fc1", "indices": [2, 9], "role": "minus", "bias": True}
+    json.dumps(records)
+    lineage = grow_lineage(second)
+    assert lineage["blocks.0.mlp.fc1_grow0_plus.weight"] == (
+        "blocks.0.mlp.fc1", (2, 9), "plus", "weight")
+    assert lineage["blocks.0.mlp.fc1_grow0_plus_grow0_fused.bias"] == (
+        "blocks.0.mlp.fc1_grow0_plus", (1,), "fused", "bias")
+    assert grow_lineage(records[1]).keys() < lineage.keys()
+    assert set(lineage) == {n for n, _ in second.named_parameters()} - {
+        n for n, _ in base.named_parameters()}
+    # row i of a new weight is neuron indices[i] of its parent, scaled; minus is its negation
+    parent = base.get_submodule("blocks.0.mlp.fc1")
+    plus = second.get_submodule("blocks.0.mlp.fc1_grow0_plus")
+    minus = second.get_submodule("blocks.0.mlp.fc1_grow0_minus")
+    assert torch.equal(plus.weight[1], parent.weight[9] * 0.25)
+    assert torch.equal(_bits(minus.weight), _bits(-plus.weight))
+    fused = second.get_submodule("blocks.0.mlp.fc1_grow1_fused")
+    assert not fused.weight.any() and not fused.bias.any()
+    report = check_equivalence(base, second, _x())
+    assert report.ok, report.table(only_failures=True)
+    with pytest.raises(PlanError, match="grow record"):
+        grow_lineage({"pass": "reduce"})
+
+
+def test_growth_is_deterministic(base):
+    plan = _full_plan(base)
+    a, b = grow(base, plan), grow(base, plan)
+    assert a.code == b.code and fxgrow.history(a) == fxgrow.history(b)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_input_is_unchanged_and_unchanged_parts_are_shared(base):
+    before = _snapshot(base)
+    grown = grow(base, _full_plan(base))
+    grown = grow(grown, {"blocks.1.mlp.fc2": [0]})
+    _assert_unchanged(base, before)
+    assert grown.get_submodule("blocks.0.mlp.fc1") is base.get_submodule("blocks.0.mlp.fc1")
+    assert grown.training == base.training
+
+
+def test_parameter_delta_is_the_closed_form(base):
+    plan = GrowthPlan({"blocks.0.attn.qkv": [0, 5, 40], "blocks.0.attn.proj": [1],
+                       "blocks.1.mlp.fc1": list(range(10)), "blocks.1.mlp.fc2": [2, 3],
+                       "head": [4]})
+    # fan-ins from the model's definition, not from the graph
+    closed = 3 * (DIM + 1) + 1 * (DIM + 1) + 10 * (DIM + 1) + 2 * (HIDDEN + 1) + 1 * (DIM + 1)
+    n_base = sum(p.numel() for p in base.parameters())
+    for mode, factor in (("paper", 2), ("fused", 1)):
+        grown = grow(base, plan, mode=mode)
+        assert sum(p.numel() for p in grown.parameters()) - n_base == factor * closed
+
+
+def test_flop_delta_is_two_k_d_per_token(base):
+    count_flops = pytest.importorskip("fxgrow.verify.flops").count_flops
+    plan = GrowthPlan({"blocks.0.attn.qkv": [0, 5, 40], "blocks.1.mlp.fc2": [2, 3],
+                       "head": [4]})
+    batch = 2
+    # per-token multiply-adds k*d; the head reads one (pooled) token per image
+    per_pass = TOKENS * (3 * DIM + 2 * HIDDEN) + 1 * DIM
+    x = _x(batch)
+    f_base = count_flops(base, x).total
+    for mode, factor in (("paper", 2), ("fused", 1)):
+        grown = grow(base, plan, mode=mode)
+        assert count_flops(grown, x).total - f_base == factor * batch * per_pass
+
+
+@pytest.mark.parametrize(
+    "plan, words",
+    [
+        ({"blocks.0.mlp.fcl": [0]}, ["unknown target", "'blocks.0.mlp.fc1'"]),
+        ({"pos_embed": [0]}, ["'pos_embed'", "not a linear"]),
+        ({"head": [CLASSES]}, ["'head'", f"index {CLASSES}", "out of range"]),
+        ({"head": [-1]}, ["'head'", "negative"]),
+        ({"head": [1, 1]}, ["'head'", "more than once"]),
+        ({"head": [0.5]}, ["'head'", "not an integer"]),
+        ({}, ["empty"]),
+        (GrowthPlan({"head": [1]}, out_features={"head": CLASSES + 1}), ["another graph"]),
+    ],
+)
+def test_bad_plans_raise_and_leave_the_input_unchanged(base, plan, words):
+    before = _snapshot(base)
+    with pytest.raises(PlanError) as info:
+        grow(base, plan)
+    assert all(w in str(info.value) for w in words), str(info.value)
+    _assert_unchanged(base, before)
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [({"mode": "wide"}, ["mode", "'wide'"]), ({"scale": math.nan}, ["scale", "nan"]),
+     ({"scale": True}, ["scale"]), ({"scale": "0.2"}, ["scale"])],
+)
+def test_bad_arguments_raise_plan_error(base, kwargs, words):
+    with pytest.raises(PlanError) as info:
+        grow(base, {"head": [1]}, **kwargs)
+    assert all(w in str(info.value) for w in words), str(info.value)
+
+
+def test_non_graph_module_is_rejected():
+    with pytest.raises(PlanError, match="GraphModule"):
+        grow(nn.Linear(2, 2), {"": [0]})
+
+
+def test_pseudo_layer_structure(base):
+    grown = grow(base, {"blocks.1.mlp.fc2": [3, 4]})
+    nodes = {n.name: n for n in grown.graph.nodes}
+    fc2 = nodes["blocks_1_mlp_fc2"]
+    (writeback,) = fc2.users
+    assert writeback.target is torch.index_add and writeback.args[1] == -1
+    assert writeback.kwargs == {"alpha": -1}
+    assert grown.get_buffer("blocks.1.mlp.fc2_grow0_index").tolist() == [3, 4]
+    negated = writeback.args[3]
+    assert negated.target is operator.sub and negated.args[0] == 0.0
+    delta = negated.args[1]
+    gelu, a = delta.args
+    assert gelu.target is F.gelu and gelu.args[0] is a
+    plus, minus = a.args
+    assert (plus.target, minus.target) == ("blocks.1.mlp.fc2_grow0_plus",
+                                           "blocks.1.mlp.fc2_grow0_minus")
+    view = plus.args[0]
+    assert minus.args[0] is view and view.target == "view_as"
+    assert view.args[0] is fc2.args[0]  # the target's own input, no copy
+    # every former user of fc2's output now reads the written-back value
+    assert all(u is writeback for u in fc2.users)
+
+
+def test_fused_neuron_matches_the_pair_under_sgd_and_adam_with_twice_the_lr():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(5, 7), nn.GELU(), nn.Linear(7, 3)).double()
+    gm = fxgrow.trace(model)
+    plan = {"0": [1, 4], "2": [0]}
+    data = [(torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64))
+            for _ in range(5)]
+
+    def train(grown, opt_cls, lr, wd, new_lr, new_wd):
+        grown = copy.deepcopy(grown)
+        new = set(grow_lineage(grown))
+        named = dict(grown.named_parameters())
+        old_params = [p for n, p in named.items() if n not in new]
+        new_params = [p for n, p in named.items() if n in new]
+        opt = opt_cls([{"params": old_params, "lr": lr, "weight_decay": wd},
+                       {"params": new_params, "lr": new_lr, "weight_decay": new_wd}])
+        for x, y in data:
+            opt.zero_grad()
+            F.mse_loss(grown(x), y).backward()
+            opt.step()
+        return grown(data[0][0])
+
+    paper, fused = grow(gm, plan), grow(gm, plan, mode="fused")
+    lr = 0.05
+    for opt_cls, wd in ((torch.optim.SGD, 0.0), (torch.optim.Adam, 0.0), (torch.optim.AdamW, 0.1)):
+        out_paper = train(paper, opt_cls, lr, wd, lr, wd)
+        out_fused = train(fused, opt_cls, lr, wd, 2 * lr, wd / 2)
+        torch.testing.assert_close(out_fused, out_paper, rtol=1e-9, atol=1e-10)
+        assert not torch.allclose(out_paper, gm(data[0][0]))  # the new neurons did learn
+
+
+def test_fused_gradient_equals_each_pair_members_gradient(base):
+    plan = {"blocks.0.mlp.fc2": [1, 2, 3]}
+    x = _x()
+    g_paper = _all_grads(grow(base, plan), x)
+    g_fused = _all_grads(grow(base, plan, mode="fused"), x)
+    for kind in ("weight", "bias"):
+        assert torch.equal(g_fused[f"blocks.0.mlp.fc2_grow0_fused.{kind}"],
+                           g_paper[f"blocks.0.mlp.fc2_grow0_plus.{kind}"])

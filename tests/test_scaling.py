@@ -1,0 +1,117 @@
+"""The scaling schedule and the Scaler driver inside a plain training loop."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fxgrow
+import fxgrow.models
+from fxgrow.errors import ScheduleError
+from fxgrow.scaling import Scaler, ScalingSchedule
+from fxgrow.verify import count_params
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # These tests run many tiny ops: with other processes on the 2 cores, a second thread
+    # mostly waits for its partner (10-70x slower under load); results do not depend on it.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+KWARGS = {"num_classes": 4, "img_size": 8, "embed_dim": 16, "depth": 2, "num_heads": 2}
+
+
+def test_paper_schedule_rounds():
+    schedule = ScalingSchedule(warmup_epochs=50, interval=30, end_epoch=300, epochs=300,
+                               budget_per_round=100)
+    assert schedule.growth_epochs() == [50, 80, 110, 140, 170, 200, 230, 260, 290]
+    assert schedule.is_growth_epoch(49) and not schedule.is_growth_epoch(50)
+    assert ScalingSchedule.from_dict(schedule.to_dict()) == schedule
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"interval": 0}, "interval must be at least 1"),
+    ({"budget_per_round": -5}, "budget_per_round must be positive"),
+    ({"end_epoch": 12, "epochs": 10}, "after the last epoch"),
+    ({"warmup_epochs": 10, "end_epoch": 8}, "never grows"),
+    ({"total_param_target": 1000}, "exactly one of"),
+    ({"budget_per_round": None}, "exactly one of"),
+    ({"method": "slow"}, "method must be one of"),
+    ({"interval": 2.5}, "interval must be an integer"),
+])
+def test_invalid_schedules(kwargs, message):
+    args = dict(warmup_epochs=2, interval=2, end_epoch=6, epochs=10, budget_per_round=8)
+    args.update(kwargs)
+    with pytest.raises(ScheduleError, match=message):
+        ScalingSchedule(**args)
+
+
+def _data(n_batches=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 4, (8,), generator=g))
+            for _ in range(n_batches)]
+
+
+def _loop(schedule, epochs=5):
+    torch.manual_seed(0)
+    gm = fxgrow.models.build("tiny_vit", **KWARGS)
+    optimizer = torch.optim.AdamW(gm.parameters(), lr=1e-2)
+    batches = _data()
+    scaler = Scaler(gm, optimizer, schedule, batches[:2], F.cross_entropy)
+    models = []
+    for epoch in range(epochs):
+        for x, y in batches:
+            optimizer.zero_grad()
+            F.cross_entropy(gm(x), y).backward()
+            optimizer.step()
+        gm = scaler.after_epoch(epoch)
+        models.append(gm)
+    return scaler, optimizer, models
+
+
+def test_scaler_grows_on_schedule_preserving_the_loss():
+    schedule = ScalingSchedule(warmup_epochs=2, interval=2, end_epoch=4, epochs=5,
+                               budget_per_round=6, layer_threshold=1, analysis_batches=2)
+    scaler, optimizer, models = _loop(schedule)
+    assert [r["epoch"] for r in scaler.records] == [1, 3] == scaler.rounds_done
+    assert models[1] is not models[0]
+    assert models[2] is models[1] and models[3] is not models[2]
+    for record in scaler.records:
+        assert record["grown"] and record["loss_equal"] and record["equivalent"]
+        assert record["loss_before_hex"] == record["loss_after_hex"]
+        assert sum(record["plan_size"].values()) == 6
+        assert record["params_after"] > record["params_before"]
+        assert all(s["neurons"] > 0 for s in record["eigenvalues"].values())
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert {id(p) for p in models[-1].parameters()} == held
+    assert scaler.records[1]["params_before"] == scaler.records[0]["params_after"]
+    assert count_params(models[-1]) == scaler.records[-1]["params_after"]
+    # idempotent per epoch: a resumed loop may call it again
+    assert scaler.after_epoch(3) is models[-1] and len(scaler.records) == 2
+    state = scaler.state_dict()
+    other = Scaler(models[-1], optimizer, schedule, [], F.cross_entropy)
+    other.load_state_dict(state)
+    assert other.rounds_done == [1, 3] and other.records == scaler.records
+    changed = ScalingSchedule(**{**schedule.to_dict(), "interval": 1})
+    with pytest.raises(ScheduleError, match="another schedule"):
+        Scaler(models[-1], optimizer, changed, [], F.cross_entropy).load_state_dict(state)
+
+
+def test_total_param_target_is_spread_over_the_rounds():
+    torch.manual_seed(0)
+    start = count_params(fxgrow.models.build("tiny_vit", **KWARGS))
+    target = start + 1200
+    schedule = ScalingSchedule(warmup_epochs=1, interval=1, end_epoch=3, epochs=4,
+                               total_param_target=target, layer_threshold=1,
+                               analysis_batches=2)
+    scaler, _, models = _loop(schedule, epochs=4)
+    budgets = [r["budget"] for r in scaler.records]
+    assert budgets[0] == (target - start) // 3
+    for r in scaler.records:
+        spent = r["params_after"] - r["params_before"]
+        assert 0 <= spent <= r["budget"]
+    assert count_params(models[-1]) <= target
+    # fan-in of the largest target is 64 (fc2 of tiny_vit, dim 16 x 4): one pair costs 130
+    assert target - count_params(models[-1]) < 3 * 130
