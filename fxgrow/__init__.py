@@ -20,6 +20,8 @@ from .errors import (
 from .recipes import history, recipe
 from .linears import LinearSite, linear_sites
 from .plan import GrowthPlan
+from .passes.analyze import SplittingReport
+from .select import select
 from .tracing import trace
 from .io import load, save
 from .inspect import GraphDiff, Summary, diff, summary
@@ -35,6 +37,8 @@ __all__ = [
     "FxgrowError",
     "GraphDiff",
     "GrowthPlan",
+    "SplittingReport",
+    "select",
     "LinearSite",
     "ModelError",
     "PlanError",

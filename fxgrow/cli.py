@@ -75,7 +75,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--interval", type=int, default=3, help="epochs between growth rounds")
     s.add_argument("--end-epoch", type=int, default=None,
                    help="last epoch after which growth may happen (default: epochs - 1)")
-    s.add_argument("--budget", type=float, default=None,
+    s.add_argument("--budget", type=int, default=None,
                    help="new neurons (or params, see --budget-unit) per round")
     s.add_argument("--param-target", type=int, default=None,
                    help="final parameter count, spread over the rounds (instead of --budget)")
@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("fast", "exact"), default="fast")
     p.add_argument("--out", required=True, help="report directory")
     p.add_argument("--plan-out", default=None, help="write the selected plan (JSON) here")
-    p.add_argument("--budget", type=float, default=None)
+    p.add_argument("--budget", type=int, default=None)
     p.add_argument("--budget-unit", choices=("neurons", "params"), default="neurons")
     p.add_argument("--layer-threshold", type=int, default=60)
     p.add_argument("--quiet", action="store_true")

@@ -19,7 +19,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from scipy.linalg.lapack import dstebz
 
 MatVec = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -86,8 +88,13 @@ def splitting_matvec(x: torch.Tensor, h: torch.Tensor, scale: float = 1.0) -> Ma
     run in the dtype of ``x`` (float32 data stays float32: these two products are where
     all the time goes); the result is returned in float64."""
 
+    cache: dict[str, torch.Tensor] = {}
+
     def matvec(v: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        hs = h if rows.numel() == h.shape[1] else h.index_select(1, rows)
+        if cache.get("rows") is not rows:
+            cache["rows"] = rows
+            cache["h"] = h if rows.numel() == h.shape[1] else h.index_select(1, rows)
+        hs = cache["h"]
         p = x @ v.to(x.dtype).T  # (T, Ja)
         r = (hs * p).T @ x  # (Ja, D)
         return r.to(torch.float64) * scale
@@ -96,50 +103,38 @@ def splitting_matvec(x: torch.Tensor, h: torch.Tensor, scale: float = 1.0) -> Ma
 
 
 def _smallest_tridiagonal(
-    alpha: torch.Tensor, beta: torch.Tensor, upper: torch.Tensor, points: int = 63
+    alpha: torch.Tensor, beta: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Smallest eigenvalue of each symmetric tridiagonal matrix (diagonal ``alpha`` (J, m),
-    off-diagonal ``beta`` (J, m-1)) by Sturm-sequence multisection, and the squared last
-    component of its unit eigenvector, ``-1 / q_m'(theta)``.
+    off-diagonal ``beta`` (J, m-1)), and the squared last component of its unit
+    eigenvector.
 
-    Batched dense eigensolvers on many small matrices are the slow part of a naive batched
-    Lanczos on CPU (seconds per step for J = 768, m = 60); this is O(m) per probe and needs
-    no LAPACK call. ``upper`` is a known upper bound of the smallest eigenvalue."""
-    j, m = alpha.shape
-    b2 = beta * beta
-    radius = torch.zeros_like(alpha)
-    radius[:, :-1] += beta.abs()
-    radius[:, 1:] += beta.abs()
-    lo = (alpha - radius).amin(1)
-    hi = torch.minimum(upper, alpha.amin(1))
-    scale = torch.maximum(lo.abs(), hi.abs()).clamp_min(torch.finfo(torch.float64).tiny)
+    A batched dense eigensolver on many small matrices is the slow part of a naive batched
+    Lanczos on CPU (torch.linalg.eigh takes seconds per step for J = 768, m = 60); LAPACK's
+    bisection (dstebz) finds the one eigenvalue in O(m) per probe. The last component
+    follows from the Sturm pivots q_i of T - theta I: s_m^2 = -1 / q_m'(theta)."""
+    a = alpha.detach().cpu().numpy()
+    b = beta.detach().cpu().numpy()
+    if a.shape[1] == 1:
+        theta = a[:, 0].copy()
+    else:
+        theta = np.empty(a.shape[0])
+        for j in range(a.shape[0]):
+            # range "I" (2), indices 1..1, abstol 0 (bisection to full precision), order "E"
+            out = dstebz(a[j], b[j], 2, 0.0, 0.0, 1, 1, 0.0, "E")
+            if out[-1] != 0:
+                raise RuntimeError(f"fxgrow internal error: dstebz failed, info={out[-1]}")
+            theta[j] = out[1][0]
+    theta_t = torch.from_numpy(theta).to(alpha.device)
     pivmin = torch.finfo(torch.float64).tiny / torch.finfo(torch.float64).eps
-    frac = torch.arange(1, points + 1, dtype=alpha.dtype, device=alpha.device) / (points + 1)
-    for _ in range(12):
-        width = hi - lo
-        if bool((width <= 4 * torch.finfo(torch.float64).eps * scale).all()):
-            break
-        x = lo[:, None] + width[:, None] * frac  # (J, K)
-        count = torch.zeros(x.shape, dtype=torch.int64, device=x.device)
-        q = alpha[:, :1] - x
-        q = torch.where(q.abs() < pivmin, torch.full_like(q, -pivmin), q)
-        count += q < 0
-        for i in range(1, m):
-            q = (alpha[:, i : i + 1] - x) - b2[:, i - 1 : i] / q
-            q = torch.where(q.abs() < pivmin, torch.full_like(q, -pivmin), q)
-            count += q < 0
-        below = count == 0  # no eigenvalue below x: the smallest is >= x
-        new_lo = torch.where(below, x, lo[:, None]).amax(1)
-        new_hi = torch.where(below, hi[:, None], x).amin(1)
-        lo, hi = new_lo, new_hi
-    theta = 0.5 * (lo + hi)
-    q = alpha[:, 0] - theta
-    dq = -torch.ones_like(theta)
-    for i in range(1, m):
+    b2 = beta * beta
+    q = alpha[:, 0] - theta_t
+    dq = -torch.ones_like(theta_t)
+    for i in range(1, alpha.shape[1]):
         q = torch.where(q.abs() < pivmin, torch.full_like(q, -pivmin), q)
         dq = -1.0 + b2[:, i - 1] * dq / (q * q)
-        q = (alpha[:, i] - theta) - b2[:, i - 1] / q
-    return theta, (-1.0 / dq).clamp(0.0, 1.0)
+        q = (alpha[:, i] - theta_t) - b2[:, i - 1] / q
+    return theta_t, (-1.0 / dq).clamp(0.0, 1.0)
 
 
 def _tridiagonal_vector(
@@ -200,8 +195,8 @@ def lanczos_smallest(
     alphas = torch.zeros(count, steps, **f64)
     betas = torch.zeros(count, steps, **f64)
     norm_est = torch.zeros(count, **f64)
-    theta = torch.full((count,), float("inf"), **f64)
     rows = torch.arange(count, device=device)
+    live = torch.ones(count, dtype=torch.bool, device=device)  # not yet recorded
     done_at = 0
     for k in range(steps):
         q = basis[:, k]
@@ -211,37 +206,44 @@ def lanczos_smallest(
         if k > 0:
             w = w - betas[:, k - 1, None] * basis[:, k - 1]
         span = basis[:, : k + 1]
-        for _ in range(2):  # full reorthogonalisation; twice is enough (Kahan)
+        before = w.norm(dim=1)
+        # Full reorthogonalisation, repeated when it cancelled much of w (DGKS criterion).
+        for _ in range(2):
             w = w - torch.einsum("jkd,jk->jd", span, torch.einsum("jkd,jd->jk", span, w))
-        beta = w.norm(dim=1)
+            beta = w.norm(dim=1)
+            if not bool((live & (beta < 0.7071 * before)).any()):
+                break
+            before = beta
         alphas[:, k] = alpha
         betas[:, k] = beta
         done_at = k + 1
 
-        theta, last2 = _smallest_tridiagonal(alphas[:, : k + 1], betas[:, :k], theta)
+        theta = torch.zeros_like(alpha)
+        last2 = torch.zeros_like(alpha)
+        theta[live], last2[live] = _smallest_tridiagonal(alphas[live, : k + 1], betas[live, :k])
         norm_est = torch.maximum(torch.maximum(norm_est, alpha.abs()), beta)
         norm_est = torch.maximum(norm_est, theta.abs())
         res = beta * last2.sqrt()
         exhausted = beta <= 1e-12 * norm_est
         finished = (res <= tol * norm_est) | exhausted
         last = k + 1 == steps
-        leaving = finished | last
+        leaving = live & (finished | last)
         if bool(leaving.any()):
             idx = rows[leaving]
             values[idx] = theta[leaving]
             residuals[idx] = torch.where(exhausted[leaving], torch.zeros_like(res[leaving]), res[leaving])
             converged[idx] = finished[leaving] | (k + 1 == dim)
             if eigenvectors:
-                s = _tridiagonal_vector(
-                    alphas[leaving, : k + 1], betas[leaving, :k], theta[leaving]
-                )
+                s = _tridiagonal_vector(alphas[leaving, : k + 1], betas[leaving, :k], theta[leaving])
                 vec = torch.einsum("jkd,jk->jd", span[leaving], s)
                 vectors[idx] = vec / vec.norm(dim=1, keepdim=True)
-        if last or bool(leaving.all()):
+            live = live & ~leaving
+        if last or not bool(live.any()):
             break
-        basis[:, k + 1] = w / beta[:, None]
-        if bool(leaving.any()):
-            keep = ~leaving
-            rows, basis, alphas, betas = rows[keep], basis[keep], alphas[keep], betas[keep]
-            norm_est, theta = norm_est[keep], theta[keep]
+        # Recorded rows ride along with a zero vector until enough of them have gathered
+        # to be worth the copy of the whole basis that dropping them costs.
+        basis[:, k + 1] = torch.where(live[:, None], w / beta.clamp_min(1e-300)[:, None], 0.0)
+        if int(live.sum()) <= 0.85 * live.numel():
+            rows, basis, alphas, betas = rows[live], basis[live], alphas[live], betas[live]
+            norm_est, live = norm_est[live], live[live]
     return EigenResult(values, vectors, residuals, converged, done_at)

@@ -68,7 +68,7 @@ class ScalingSchedule:
     warmup_epochs: int
     interval: int
     end_epoch: int
-    budget_per_round: float | None = None
+    budget_per_round: int | None = None
     total_param_target: int | None = None
     budget_unit: str = "neurons"
     layer_threshold: int = 60
@@ -98,6 +98,10 @@ class ScalingSchedule:
             raise ScheduleError(f"layer_threshold must be >= 0, got {self.layer_threshold}")
         if (self.budget_per_round is None) == (self.total_param_target is None):
             raise ScheduleError("give exactly one of budget_per_round and total_param_target")
+        for name in ("budget_per_round", "total_param_target"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ScheduleError(f"{name} must be an integer, got {value!r}")
         if self.budget_per_round is not None and not self.budget_per_round > 0:
             raise ScheduleError(f"budget_per_round must be positive, got {self.budget_per_round}")
         if self.total_param_target is not None:
@@ -234,7 +238,7 @@ class Scaler:
             self.grow_round(epoch)
         return self.model
 
-    def _budget(self, round_index: int, params_now: int) -> tuple[float, str]:
+    def _budget(self, round_index: int, params_now: int) -> tuple[int, str]:
         schedule = self.schedule
         if schedule.total_param_target is None:
             return schedule.budget_per_round, schedule.budget_unit

@@ -206,8 +206,10 @@ def fit(
         model = ckpt.model
         model.train()
         optimizer = make_optimizer(model, config)
-        ckpt.restore_optimizer(optimizer)
+        # A new scheduler sets each group's lr to its step-0 value: restore the optimizer
+        # (groups' lr included) after creating it, or the first resumed step uses that lr.
         scheduler = make_scheduler(optimizer, config, len(train_loader))
+        ckpt.restore_optimizer(optimizer)
         scheduler.load_state_dict(ckpt.state["scheduler"])
         checkpoint.restore_rng(ckpt.state["rng"])
         metrics = list(ckpt.state["metrics"])

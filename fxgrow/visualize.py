@@ -1,14 +1,14 @@
 """Drawing a grown target: its pseudo-layer subgraph and the graph around it.
 
-networkx lays the graph out (graphviz ``dot`` through pygraphviz when it is installed, else
-layers by topological generation) and matplotlib's Agg backend draws it, so no display is
+networkx lays the graph out (graphviz ``dot`` through pygraphviz when it is installed, else in
+longest-path columns left to right) and matplotlib's Agg backend draws it, so no display is
 needed.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING
 
 import networkx as nx
 import torch.fx as fx
@@ -16,6 +16,9 @@ import torch.fx as fx
 from .errors import FxgrowError
 from .inspect import created_modules
 from .linears import linear_sites
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 _COLORS = {"target": "#d62728", "growth": "#ff9f1c", "context": "#d9d9d9"}
 
@@ -77,7 +80,7 @@ def draw_growth(
     *,
     radius: int = 2,
     figsize: tuple[float, float] | None = None,
-) -> Any:
+) -> Figure:
     """Draw the pseudo-layers grown on ``target`` (orange), the target's node (red) and the
     nodes within ``radius`` edges of them (grey). Returns the matplotlib Figure and, when
     ``path`` is given, also saves it there as a PNG.
@@ -85,7 +88,7 @@ def draw_growth(
     Raises:
         FxgrowError: ``target`` is not a linear of ``gm`` or has not been grown.
     """
-    from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
+    from matplotlib.figure import Figure  # not pyplot: no global figure state, no display
 
     target_nodes, grown = growth_nodes(gm, target)
     graph = _to_networkx(gm)
@@ -99,9 +102,8 @@ def draw_growth(
     size = figsize or (min(2.0 + 1.9 * columns, 60.0), min(2.5 + 0.8 * rows, 40.0))
     figure = Figure(figsize=size, dpi=100)
     axes = figure.add_subplot()
-    # Edges that skip columns bend away from the row so they do not run through the nodes
-    # between their ends.
-    # (by about one row whatever their length: arc3's bend is relative to the edge's length).
+    # Edges that skip columns bend away from their row, by about one row whatever their
+    # length (arc3's bend is relative to the edge's length), so they miss the nodes between.
     for u, v in sub.edges:
         span = abs(positions[v][0] - positions[u][0]) if graphviz is None else 1.0
         bend = 0.05 if span < 1.5 else -min(0.3, 0.7 / span)

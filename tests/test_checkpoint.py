@@ -78,7 +78,10 @@ def test_round_trip_restores_model_optimizer_scheduler_and_rng(tmp_path):
     assert saved.keys() == loaded.keys()
     assert all(torch.equal(saved[k], loaded[k]) for k in saved)
     fresh = make_optimizer(ckpt.model, TrainConfig(epochs=2, lr=1e-2))
+    # the scheduler is created first: creating one resets the groups' lr to its step 0
+    sched = make_scheduler(fresh, TrainConfig(epochs=2, lr=1e-2), steps_per_epoch=3)
     ckpt.restore_optimizer(fresh)
+    sched.load_state_dict(ckpt.state["scheduler"])
     assert group_param_names(fresh, ckpt.model) == group_param_names(optimizer, gm)
     names = {id(p): n for n, p in gm.named_parameters()}
     loaded_params = dict(ckpt.model.named_parameters())
@@ -89,8 +92,6 @@ def test_round_trip_restores_model_optimizer_scheduler_and_rng(tmp_path):
     for a, b in zip(optimizer.param_groups, fresh.param_groups):
         assert {k: v for k, v in a.items() if k != "params"} == {
             k: v for k, v in b.items() if k != "params"}
-    sched = make_scheduler(fresh, TrainConfig(epochs=2, lr=1e-2), steps_per_epoch=3)
-    sched.load_state_dict(ckpt.state["scheduler"])
     assert sched.state_dict() == scheduler.state_dict()
     checkpoint.restore_rng(ckpt.state["rng"])
     got = (torch.rand(3), np.random.rand(3), random.random())

@@ -98,23 +98,29 @@ def test_compare_prints_the_paper_table(tmp_path):
     assert (run / "compare.md").read_text().strip() == "\n".join(lines)
 
 
-def test_surgery_commands_on_saved_models(tmp_path):
+def test_surgery_commands_on_saved_models(tmp_path, capsys):
+    # reduce and verify through the console script; the steps between through the same main
+    # in-process (each subprocess costs an interpreter start with torch).
     reduced, grown, report = tmp_path / "reduced", tmp_path / "grown", tmp_path / "report"
     plan = tmp_path / "plan.json"
     kwargs = '{"embed_dim": 16, "depth": 1, "num_heads": 2, "img_size": 16}'
     proc = _run("reduce", "--model", "tiny_vit", "--model-kwargs", kwargs, "--out", str(reduced))
     assert proc.returncode == 0, proc.stderr
     assert "reduced:" in proc.stdout
-    proc = _run("analyze", str(reduced), "--batches", "1", "--out", str(report), "--plan-out",
-                str(plan), "--budget", "5", "--layer-threshold", "1", "--quiet")
-    assert proc.returncode == 0, proc.stderr
+    assert main(["analyze", str(reduced), "--batches", "1", "--out", str(report), "--plan-out",
+                 str(plan), "--budget", "5", "--layer-threshold", "1", "--quiet"]) == 0
     assert sum(len(v) for v in json.loads(plan.read_text())["neurons"].values()) == 5
-    proc = _run("grow", str(reduced), "--plan", str(plan), "--out", str(grown))
-    assert proc.returncode == 0, proc.stderr
-    assert "function preserved" in proc.stdout
+    assert main(["grow", str(reduced), "--plan", str(plan), "--out", str(grown)]) == 0
+    assert "function preserved" in capsys.readouterr().out
+    assert main(["inspect", str(grown)]) == 0
+    assert "_grow0_plus" in capsys.readouterr().out
+    assert main(["grow", str(reduced), "--plan", str(plan), "--out", str(grown)]) == 2
+    assert "already exists" in capsys.readouterr().err
     proc = _run("verify", str(reduced), str(grown))
     assert proc.returncode == 0 and "equivalent" in proc.stdout, proc.stderr
-    proc = _run("inspect", str(grown))
-    assert proc.returncode == 0 and "_grow0_plus" in proc.stdout, proc.stderr
-    proc = _run("grow", str(reduced), "--plan", str(plan), "--out", str(grown))
-    assert proc.returncode == 2 and "already exists" in proc.stderr
+    other = tmp_path / "other"
+    torch.manual_seed(1)
+    assert main(["reduce", "--model", "tiny_vit", "--model-kwargs", kwargs, "--out", str(other)]) == 0
+    capsys.readouterr()
+    assert main(["verify", str(reduced), str(other)]) == 1
+    assert "NOT equivalent" in capsys.readouterr().out

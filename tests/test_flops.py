@@ -318,3 +318,53 @@ def test_grown_graph_counts_the_closed_form_growth_cost(mode, pairs):
     assert after.module("blocks.0") == before.module("blocks.0")
     assert count_params(grown) - count_params(gm) == pairs * (20 + 3) * (d + 1)
     assert cross_check_flops(grown, x).agree
+
+
+FAMILIES = {
+    "vit_small_patch16_224": {"depth": 1, "qk_norm": True, "img_size": 64},
+    "deit3_small_patch16_224": {"depth": 1, "img_size": 64},
+    "beit_base_patch16_224": {"depth": 1, "img_size": 64},
+    "eva02_tiny_patch14_224": {"depth": 1, "img_size": 56},
+    "cait_xxs24_224": {"depth": 1, "img_size": 64},
+    "xcit_nano_12_p16_224": {"depth": 1, "img_size": 64},
+    "levit_128s": {"img_size": 64},
+    "pit_ti_224": {"img_size": 64},
+    "swin_tiny_patch4_window7_224": {"depths": (1, 1, 1, 1), "embed_dim": 32},
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_families_fully_counted_and_cross_checked(name):
+    """Every operator of these timm families is either counted or zero by convention, fused
+    and explicit attention count the same, and fvcore agrees with torch's counter."""
+    kwargs = FAMILIES[name]
+    side = kwargs.get("img_size", 224)
+    x = torch.randn(1, 3, side, side)
+    totals = []
+    for fused in (True, False):
+        model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs).eval()
+        switchable = [m for m in model.modules() if hasattr(m, "fused_attn")]
+        if not fused and not switchable:
+            break  # explicit attention only (LeViT): already counted
+        for module in switchable:
+            module.fused_attn = fused
+        check = cross_check_flops(fxgrow.trace(model), x)
+        assert check.report.unsupported == {}, (name, fused)
+        assert check.agree, (name, fused, check)
+        assert check.fvcore + check.fvcore_other == check.report.total
+        totals.append(check.report.total)
+    assert len(set(totals)) == 1
+
+
+def test_count_flops_is_quiet(caplog):
+    import logging
+    import warnings
+
+    gm = tiny_vit()
+    gm.get_submodule("blocks.0.mlp.fc1").register_forward_hook(lambda m, i, o: o.cumprod(-1))
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.DEBUG):
+        warnings.simplefilter("always")
+        report = count_flops(gm, torch.randn(1, 3, 32, 32))
+    assert report.unsupported == {"aten::cumprod": 1}  # reported in the result, not logged
+    assert [str(w.message) for w in caught] == []
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []

@@ -141,8 +141,13 @@ def test_growth_nodes_cover_every_round_and_nesting(models):
         m for r in fxgrow.history(three) for m, info in r["args"]["created"].items()
         if info["target"] in (FC1, PLUS, "blocks.0.mlp.fc1_grow0_plus_grow0_fused")
     }
-    write_backs = [n for n in grown if n.target is torch.index_add]
-    assert len(write_backs) == 4  # fc1: two rounds; PLUS: one; PLUS's fused: one
+    # One index buffer per pseudo-layer: fc1 two rounds, PLUS one, PLUS's fused linear one.
+    indices = sorted(n.target for n in grown if n.op == "get_attr")
+    assert indices == [
+        "blocks.0.mlp.fc1_grow0_index", "blocks.0.mlp.fc1_grow0_plus_grow0_fused_grow0_index",
+        "blocks.0.mlp.fc1_grow0_plus_grow0_index", "blocks.0.mlp.fc1_grow1_index",
+    ]
+    assert all(n not in grown for n in three.graph.nodes if n.op == "placeholder")
     with pytest.raises(FxgrowError, match="has not been grown"):
         growth_nodes(three, "blocks.0.attn.proj")
     with pytest.raises(FxgrowError, match="not a linear target"):

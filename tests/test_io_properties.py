@@ -46,7 +46,7 @@ def _plan(draw, gm, nested: bool):
     return plan
 
 
-@settings(max_examples=60, deadline=None, derandomize=True,
+@settings(max_examples=50, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(spec=configs(), data=st.data())
 def test_save_load_round_trip_is_bitwise(spec, data):

@@ -167,3 +167,13 @@ def test_reduction_demo_prints_widths_params_flops_and_trains():
     assert block_rows[1][1:10] == ["576", "->", "288", "64", "->", "32", "768", "->", "384"]
     assert f"{params(192, 768):,} -> {params(96, 384):,}" in text
     assert "all finite: True" in text
+
+
+def test_reduced_builder_recipe_rebuilds_through_save_and_load(tmp_path):
+    gm = models.tiny_vit_reduced(num_classes=4).eval()
+    fxgrow.save(gm, tmp_path / "reduced")
+    loaded = fxgrow.load(tmp_path / "reduced").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), gm(x))
+    assert fxgrow.recipe(loaded) == fxgrow.recipe(gm)

@@ -1,7 +1,6 @@
 """notebooks/inspect_growth.ipynb runs from top to bottom in a kernel of this interpreter."""
 
 import sys
-import time
 from pathlib import Path
 
 import nbformat
@@ -27,9 +26,7 @@ def test_notebook_executes(tmp_path):
         notebook, kernel_name="python3", timeout=120,
         resources={"metadata": {"path": str(tmp_path)}},
     )
-    start = time.perf_counter()
     client.execute()  # raises CellExecutionError naming the failing cell
-    elapsed = time.perf_counter() - start
     assert notebook.cells[-1].outputs[0]["text"].strip() == sys.prefix
     errors = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs
               if o.output_type == "error"]
@@ -42,5 +39,4 @@ def test_notebook_executes(tmp_path):
     images = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs
               if "image/png" in o.get("data", {})]
     assert images, "the drawing is displayed"
-    assert elapsed < 60, f"the notebook took {elapsed:.0f} s"
     assert list(tmp_path.iterdir()) == []  # it cleans up after itself

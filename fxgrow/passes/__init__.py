@@ -1,9 +1,10 @@
 """Graph passes. Each takes a GraphModule and returns a new one; the input is never mutated."""
 
+from .analyze import SplittingReport, analyze, default_targets, splitting_matrices
 from .grow import grow, grow_lineage
 from .replay import register_replay, registered_passes, replay_history
 from .reduce import ReduceSpec, reduce, replay_reduce
 from .width_groups import WidthGroup, width_groups
 
-__all__: list[str] = ["grow", "grow_lineage", "register_replay", "registered_passes", "replay_history",
+__all__: list[str] = ["analyze", "default_targets", "splitting_matrices", "SplittingReport", "grow", "grow_lineage", "register_replay", "registered_passes", "replay_history",
                      "ReduceSpec", "reduce", "replay_reduce", "WidthGroup", "width_groups"]

@@ -3,19 +3,23 @@
 For a target linear ``O = x W^T + b`` and its selected neurons S (k of them, fan-in d), one
 round adds a *pseudo-layer*::
 
-    x_g  = x.view_as(x)                       # the target's own input, no copy
-    A    = plus(x_g) + minus(x_g)             # paper:  plus = (+a W_S, +a b_S), minus = -plus
-         = fused(x_g)                         # fused:  one linear, weight and bias exact zeros
+    x_g  = x.view_as(x)                  # the target's own input, no copy
+    A    = plus(x_g) + minus(x_g)        # paper:  plus = (+a W_S, +a b_S), minus = -plus
+         = fused(x_g)                    # fused:  one linear, weight and bias exact zeros
     D    = gelu(A) + A
-    O'   = O.index_add(-1, S, 0.0 - D, alpha=-1)          # O'_S = O_S + D, other channels as O
+    R    = -(0.0 - D)                    # D, with a zero of either sign made -0.0
+    O'   = add_to_channels(O, S, R)      # O'[..., S] = O[..., S] + R, index_put(accumulate)
 
-and every former user of ``O`` reads ``O'``. Why each piece is there:
+so O'_S = O_S + D and the other channels are O's, and every former user of ``O`` reads
+``O'``. Why each piece is there:
 
 - ``minus`` holds the bitwise negation of ``plus``, so on the same kernel ``A`` is exactly
   0.0, ``gelu(0) = 0`` and the written-back value equals ``O`` bit for bit.
 - Adding +0.0 would turn an output that is exactly -0.0 into +0.0. ``0.0 - D`` is +0.0 for a
-  zero of either sign, and ``alpha=-1`` turns it into -0.0, the one value whose addition
-  leaves every float unchanged; for non-zero D it is exactly ``O + D``.
+  zero of either sign, and negating it gives -0.0, the one value whose addition leaves every
+  float unchanged; a non-zero D passes through both steps exactly.
+- :func:`add_to_channels` saves only the index for backward and keeps the gradient's
+  layout, so the parent linear's gradients are summed exactly as before.
 - The view gives the pair its own gradient buffer: autograd sums the two members' input
   gradients there (exactly zero, they are negations of each other) before adding the result
   to ``x``'s gradient, so every existing gradient stays bitwise what it was. Reading ``x``
@@ -217,24 +221,35 @@ def _new_linears(
         }
 
 
-def _is_writeback(node: fx.Node, value: fx.Node) -> bool:
-    if node.op != "call_function" or node.target is not torch.index_add:
-        return False
-    if len(node.args) < 3 or node.args[0] is not value:
-        return False
-    index = node.args[2]
-    return isinstance(index, fx.Node) and index.op == "get_attr" and bool(
-        _INDEX_SUFFIX.search(index.target)
-    )
+def add_to_channels(output: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``output`` with ``rows`` added to its last-dim channels ``index`` (out of place):
+    ``result[..., index[i]] = output[..., index[i]] + rows[..., i]``.
+
+    The write-back of every pseudo-layer. ``index_put`` with ``accumulate=True`` keeps only
+    the index for backward and passes ``output``'s gradient through as it is, strides
+    included (``index_add`` would also keep ``rows`` alive until backward; a reshape to 2-D
+    would hand the parent a gradient of another layout, summed in another order)."""
+    indices: list[torch.Tensor | None] = [None] * (output.dim() - 1)
+    return torch.ops.aten.index_put.default(output, [*indices, index], rows, True)
+
+
+def _next_tip(node: fx.Node) -> fx.Node | None:
+    """The value an earlier round wrote back over ``node``, if any."""
+    for user in node.users:
+        if user.target is not add_to_channels or user.args[0] is not node:
+            continue
+        index = user.args[1]
+        if isinstance(index, fx.Node) and index.op == "get_attr" and \
+                _INDEX_SUFFIX.search(index.target):
+            return user
+    return None
 
 
 def _tip(node: fx.Node) -> fx.Node:
     """The last value of ``node`` after the write-backs of earlier rounds."""
-    while True:
-        later = [u for u in node.users if _is_writeback(u, node)]
-        if len(later) != 1:
-            return node
-        node = later[0]
+    while (later := _next_tip(node)) is not None:
+        node = later
+    return node
 
 
 def _rewrite(
@@ -253,7 +268,7 @@ def _rewrite(
             a = graph.call_function(operator.add, (a, other))
         act = graph.call_function(F.gelu, (a,))
         delta = graph.call_function(operator.add, (act, a))
-        negated = graph.call_function(operator.sub, (0.0, delta))
+        rows = graph.call_function(operator.neg, (graph.call_function(operator.sub, (0.0, delta)),))
         index = graph.get_attr(names["index"])
-        out = graph.call_function(torch.index_add, (tip, -1, index, negated), {"alpha": -1})
+        out = graph.call_function(add_to_channels, (tip, index, rows))
     tip.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)

@@ -114,9 +114,6 @@ def _new_sizes(group: WidthGroup, request: float | int, what: str) -> list[int]:
             if abs(exact - round(exact)) > 1e-9 * max(1, size):
                 raise ReduceError(f"{what}: ratio {request} does not divide width {size} of the "
                                   f"group of {group.producers[0]!r} ({size} * {request} = {exact})")
-            if round(exact) == 0:
-                raise ReduceError(f"{what}: ratio {request} leaves width 0 of {size} in the group "
-                                  f"of {group.producers[0]!r}")
             if round(exact) > size:
                 raise ReduceError(f"{what}: ratio {request} would widen the group of "
                                   f"{group.producers[0]!r}; reduce only narrows")
@@ -188,8 +185,8 @@ def _select(analysis: WidthAnalysis, spec: ReduceSpec) -> tuple[np.ndarray, list
         if request is None or (isinstance(request, float) and request == 1.0):
             continue
         if not group.reducible:
-            raise ReduceError(f"{what}: the {group.kind} group of {group.producers[0]!r} cannot be "
-                              f"narrowed: {group.reason}")
+            raise ReduceError(f"{what}: the width group of {group.producers[0]!r} ({group.kind}) "
+                              f"cannot be narrowed: {group.reason}")
         sizes = _new_sizes(group, request, what)
         if sizes == list(group.segment_sizes):
             continue
@@ -214,17 +211,25 @@ class _Shapes:
     def __init__(self, analysis: WidthAnalysis, keep_id: torch.Tensor):
         self.analysis = analysis
         self.keep_id = keep_id
+        # one extra True at the end: label -1 (untracked) indexes it
+        self.keep_ext = np.append(keep_id.numpy(), True)
+        self.cache: dict[int, tuple[list[int], int | None]] = {}
 
     def of(self, lab: _Lab, old: Sequence[int], where: str) -> tuple[list[int], int | None]:
         """(new shape, the dim that changed or None)."""
-        ids = compact(lab.ids)
+        if id(lab) not in self.cache:
+            self.cache[id(lab)] = self._of(lab, old, where)
+        new, dim = self.cache[id(lab)]
+        return list(new), dim
+
+    def _of(self, lab: _Lab, old: Sequence[int], where: str) -> tuple[list[int], int | None]:
+        ids = lab.ids  # stored compact
         vary = [d for d in range(ids.dim()) if ids.shape[d] > 1]
         new = list(old)
         if not vary or not lab.chan:
             return new, None
         dim = vary[-1]
-        kept = torch.where(ids >= 0, self.keep_id[ids.clamp(min=0)], True)
-        counts = kept.sum(dim)
+        counts = self.keep_ext[ids.numpy()].sum(axis=dim)
         low, high = int(counts.min()), int(counts.max())
         if low != high:
             raise ReduceError(f"node {where!r}: the kept channels would give lines of different "
@@ -236,8 +241,11 @@ class _Shapes:
         return new, dim
 
 
-def _float_arg(node: fx.Node) -> tuple[int, float] | None:
+def _float_arg(node: fx.Node, meta: Mapping[str, Any]) -> tuple[int, float] | None:
+    """A float literal argument, or one computed in the graph (``head_dim ** -0.5``)."""
     for i, arg in enumerate(node.args):
+        if isinstance(arg, fx.Node) and isinstance(meta.get(arg.name), float):
+            return i, meta[arg.name]
         if isinstance(arg, float):
             return i, arg
     return None
@@ -285,8 +293,9 @@ def _rewrite_scale(node: fx.Node, new_node: fx.Node, analysis: WidthAnalysis, sh
         return
     if spec.scale == "keep" or not (_is_mul(node) or _is_div(node)):
         return
-    found = _float_arg(node)
-    tensor = next((a for a in node.args if isinstance(a, fx.Node)), None)
+    found = _float_arg(node, analysis.meta)
+    tensor = next((a for a in node.args if isinstance(a, fx.Node)
+                   and isinstance(analysis.meta.get(a.name), tuple)), None)
     if found is None or tensor is None:
         return
     if tensor.name in analysis.logits:

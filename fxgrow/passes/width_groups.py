@@ -82,6 +82,11 @@ _ACT_MODULES = (
 )
 
 
+_SAME_SHAPE_MODULES = (*_CHANNEL_LOCAL_MODULES, *_ACT_MODULES, nn.LayerNorm,
+                       nn.modules.batchnorm._BatchNorm)
+_SAME_SHAPE_FUNCTIONS = {F.layer_norm, F.gelu, F.dropout, F.silu, F.relu}
+
+
 def _varies(ids: torch.Tensor, dim: int) -> bool:
     if ids.shape[dim] <= 1 or ids.stride(dim) == 0:
         return False
@@ -184,9 +189,21 @@ class _Labeller(fx.Interpreter):
         if not self.on_meta:
             return super().call_module(target, args, kwargs)
         module = self.module.get_submodule(target)
+        x = args[0] if args else None
+        if isinstance(x, torch.Tensor) and not kwargs and len(args) == 1:
+            # shapes of the common leaves, without running meta kernels
+            if type(module) is nn.Linear:
+                return x.new_empty((*x.shape[:-1], module.out_features))
+            if isinstance(module, _SAME_SHAPE_MODULES):
+                return torch.empty_like(x)
         state = {name: t.to("meta") for name, t in
                  [*module.named_parameters(), *module.named_buffers()]}
         return torch.func.functional_call(module, state, args, kwargs)
+
+    def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
+        if self.on_meta and target in _SAME_SHAPE_FUNCTIONS and isinstance(args[0], torch.Tensor):
+            return torch.empty_like(args[0])
+        return super().call_function(target, args, kwargs)
 
     # -- ids ---------------------------------------------------------------------------------
     def _alloc(self, key: str, shape: Sequence[int], kind: str) -> torch.Tensor:
@@ -636,9 +653,24 @@ def _describe(n: fx.Node) -> str:
     return f"{n.op} {name}"
 
 
+def _asserted_side(placeholder: fx.Node) -> int | None:
+    """The image height a graph checks its input against (timm: ``x.shape[2] == 224``)."""
+    for shape in placeholder.users:
+        if not (shape.op == "call_function" and shape.args[1:] == ("shape",)):
+            continue
+        for item in shape.users:
+            if item.target is not operator.getitem or item.args[1] != 2:
+                continue
+            for use in item.users:
+                if use.target is operator.eq and isinstance(use.args[1], int):
+                    return use.args[1]
+    return None
+
+
 def synthesise_inputs(gm: fx.GraphModule) -> tuple[torch.Tensor, ...]:
     """Example inputs for a graph with one tensor input: an image batch of one when the input
-    first meets a Conv2d (its ``in_channels``; side = ``img_size`` of any submodule, else 224),
+    first meets a Conv2d (its ``in_channels``; the side the graph asserts, else the base
+    spec's ``img_size``, else 224),
     a (1, 8, in_features) sequence when it first meets a linear."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder" and not n.args]
     if len(placeholders) != 1:
@@ -652,15 +684,12 @@ def synthesise_inputs(gm: fx.GraphModule) -> tuple[torch.Tensor, ...]:
         if node.op == "call_module":
             module = gm.get_submodule(node.target)
             if isinstance(module, nn.Conv2d):
-                side = 224
-                for sub in gm.modules():
-                    size = getattr(sub, "img_size", None)
-                    if isinstance(size, int):
-                        side = size
-                        break
-                    if isinstance(size, (tuple, list)) and len(size) == 2:
-                        side = int(size[0])
-                        break
+                # A traced timm model keeps no patch_embed.img_size: the side the graph
+                # asserts, else the base spec's img_size, else 224.
+                base_size = ((gm.meta.get("fxgrow") or {}).get("base") or {}).get(
+                    "kwargs", {}).get("img_size", 224)
+                side = _asserted_side(placeholders[0]) or int(
+                    base_size[0] if isinstance(base_size, (tuple, list)) else base_size)
                 return (torch.randn(1, module.in_channels, side, side),)
             if isinstance(module, nn.Linear):
                 return (torch.randn(1, 8, module.in_features),)
@@ -710,10 +739,12 @@ def analyse(gm: fx.GraphModule, example_inputs: Sequence[Any] | None = None) -> 
     adjacency = scipy.sparse.coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n_ids, n_ids))
     _, class_of = scipy.sparse.csgraph.connected_components(adjacency, directed=False)
     class_of = class_of.astype(np.int64)
-    tie_reason: dict[int, str] = {}
-    for ids, reason in labeller.ties:
-        for c in np.unique(class_of[ids.numpy()]):
-            tie_reason.setdefault(int(c), reason)
+    n_classes = int(class_of.max()) + 1 if len(class_of) else 0
+    tie_of = np.full(n_classes, -1)  # per class: index of the first tie that holds it
+    reasons = [reason for _, reason in labeller.ties]
+    for i, (ids, _) in enumerate(labeller.ties):
+        hit = np.unique(class_of[ids.numpy()])
+        tie_of[hit[tie_of[hit] < 0]] = i
 
     graph = nx.Graph()
     for name, lab in labeller.labels.items():
@@ -729,8 +760,6 @@ def analyse(gm: fx.GraphModule, example_inputs: Sequence[Any] | None = None) -> 
     producers_by_node = {node: target for target, nodes in labeller.producer_nodes.items()
                          for node in nodes}
 
-    n_classes = int(class_of.max()) + 1 if len(class_of) else 0
-    first_unit = np.full(n_classes, np.iinfo(np.int64).max)
     groups: list[WidthGroup] = []
     group_of_node: dict[str, int] = {}
     components = sorted(nx.connected_components(graph), key=lambda c: min(node_index[x] for x in c))
@@ -741,7 +770,9 @@ def analyse(gm: fx.GraphModule, example_inputs: Sequence[Any] | None = None) -> 
             continue
         consumers = sorted({t for x in component for t in consumers_by_node.get(x, ())})
         unit_ids = np.concatenate([np.arange(*labeller.ranges[t][:2]) for t in producers])
-        classes = np.unique(class_of[unit_ids])
+        # unit ids ascend, so a class's first occurrence is its lowest channel
+        classes, first = np.unique(class_of[unit_ids], return_index=True)
+        first_unit = unit_ids[first]
         # segments: classes that sit on exactly the same lines of the group's tensors
         key = torch.zeros(len(classes), dtype=torch.int64)
         for name in component:
@@ -760,15 +791,17 @@ def analyse(gm: fx.GraphModule, example_inputs: Sequence[Any] | None = None) -> 
             pairs = np.unique(cls.numpy() * n_lines + lines[keep].numpy())
             key.index_add_(0, torch.from_numpy(pairs // n_lines),
                            _hash_lines(node_index[name], torch.from_numpy(pairs % n_lines)))
-        np.minimum.at(first_unit, class_of[unit_ids], unit_ids)
-        ordered = classes[np.argsort(first_unit[classes], kind="stable")]
-        seg_key = key[torch.from_numpy(np.searchsorted(classes, ordered))].numpy()
+        order = np.argsort(first_unit, kind="stable")
+        ordered = classes[order]
+        seg_key = key.numpy()[order]
         _, first_seen, seg_index = np.unique(seg_key, return_index=True, return_inverse=True)
         seg_list = [ordered[seg_index == s] for s in np.argsort(first_seen, kind="stable")]
         sizes = tuple(len(s) for s in seg_list)
         marks = set().union(*(labeller.marks.get(x, set()) for x in component))
         kind = "attn_head" if "attn" in marks else "mlp_hidden" if "act" in marks else "other"
-        reason = next((tie_reason[int(c)] for c in classes if int(c) in tie_reason), None)
+        held = tie_of[classes]
+        held = held[held >= 0]
+        reason = reasons[int(held.min())] if held.size else None
         index = len(groups)
         groups.append(WidthGroup(tuple(producers), tuple(consumers), kind,
                                  max(sizes) if sizes else 0, sizes, reason, seg_list,

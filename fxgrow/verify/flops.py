@@ -346,11 +346,13 @@ class FlopCrossCheck:
 
     ``fvcore`` is :func:`count_flops` restricted to products (linear, matmul, convolution,
     einsum, attention): the operators both counters know. What only fvcore counts (norm
-    estimates, pooling) is in ``fvcore_other`` and excluded from the comparison."""
+    estimates, pooling) is in ``fvcore_other`` and excluded from the comparison; ``report`` is
+    the full :func:`count_flops` report."""
 
     fvcore: int
     torch: int
     fvcore_other: int
+    report: FlopReport = field(repr=False, compare=False)
 
     @property
     def agree(self) -> bool:
@@ -371,5 +373,8 @@ def cross_check_flops(
     report = count_flops(model, inputs)
     products = sum(v for op, v in report.by_operator.items() if op in _CONTRACTIONS)
     return FlopCrossCheck(
-        fvcore=products, torch=torch_flops(model, inputs), fvcore_other=report.total - products
+        fvcore=products,
+        torch=torch_flops(model, inputs),
+        fvcore_other=report.total - products,
+        report=report,
     )
