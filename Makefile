@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/fxgrow demo
+	OMP_NUM_THREADS=1 $(BIN)/fxgrow compare --model tiny_vit --model-kwargs '{"embed_dim": 64, "depth": 4, "num_heads": 4}' --img-size 16 --epochs 20 --lr 2e-3 --warmup 5 --interval 4 --end-epoch 17 --param-target 175000 --layer-threshold 4 --run-dir runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -36,7 +36,7 @@ def runs_forward(model: torch.nn.Module) -> str:
             model(torch.randn(2, 3, 224, 224))
         return "yes"
     except Exception as exc:  # reported, not hidden: this is what the user would see
-        return f"no: {type(exc).__name__}: {str(exc).splitlines()[0][:60]}"
+        return f"no: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
 
 
 def clock() -> tuple[float, float]:
@@ -101,6 +101,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["deit_small_patch16_224", "deit_base_patch16_224"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    bench_fxgrow(args.models[0], 1)  # warm-up (imports, first-call costs), not timed
+    prune_with_torch_pruning(args.models[0])
     rows = []
     for name in args.models:
         total, reduce_only, reduced = bench_fxgrow(name, args.runs)

@@ -22,6 +22,7 @@ from .linears import LinearSite, linear_sites
 from .plan import GrowthPlan
 from .passes.analyze import SplittingReport
 from .select import select
+from .scaling import Scaler, ScalingSchedule
 from .tracing import trace
 from .io import load, save
 from .inspect import GraphDiff, Summary, diff, summary
@@ -44,6 +45,8 @@ __all__ = [
     "PlanError",
     "ReduceError",
     "ScheduleError",
+    "Scaler",
+    "ScalingSchedule",
     "Summary",
     "TraceError",
     "diff",

@@ -114,7 +114,8 @@ class Checkpoint:
     def restore_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Load the optimizer state into ``optimizer`` (built over ``self.model`` with the
         same param-group layout), first pointing its groups at the saved parameter names so
-        that groups and order are those of the saved run."""
+        that groups and order are those of the saved run. Create any LR scheduler on the
+        optimizer BEFORE calling this: a new scheduler resets the groups' ``lr``."""
         from .optim import set_group_params
 
         try:

@@ -125,16 +125,18 @@ def _smallest_tridiagonal(
             if out[-1] != 0:
                 raise RuntimeError(f"fxgrow internal error: dstebz failed, info={out[-1]}")
             theta[j] = out[1][0]
-    theta_t = torch.from_numpy(theta).to(alpha.device)
-    pivmin = torch.finfo(torch.float64).tiny / torch.finfo(torch.float64).eps
-    b2 = beta * beta
-    q = alpha[:, 0] - theta_t
-    dq = -torch.ones_like(theta_t)
-    for i in range(1, alpha.shape[1]):
-        q = torch.where(q.abs() < pivmin, torch.full_like(q, -pivmin), q)
+    # numpy, not torch: m sequential steps on length-J vectors, where per-op overhead rules.
+    pivmin = np.finfo(np.float64).tiny / np.finfo(np.float64).eps
+    b2 = b * b
+    q = a[:, 0] - theta
+    dq = -np.ones_like(theta)
+    for i in range(1, a.shape[1]):
+        q = np.where(np.abs(q) < pivmin, -pivmin, q)
         dq = -1.0 + b2[:, i - 1] * dq / (q * q)
-        q = (alpha[:, i] - theta_t) - b2[:, i - 1] / q
-    return theta_t, (-1.0 / dq).clamp(0.0, 1.0)
+        q = (a[:, i] - theta) - b2[:, i - 1] / q
+    last2 = np.clip(-1.0 / dq, 0.0, 1.0)
+    to = dict(dtype=torch.float64, device=alpha.device)
+    return torch.as_tensor(theta, **to), torch.as_tensor(last2, **to)
 
 
 def _tridiagonal_vector(

@@ -45,8 +45,9 @@ def save(gm: fx.GraphModule, path: str | os.PathLike) -> Path:
     """Save ``gm`` as a model directory at ``path`` and return the path.
 
     The write is atomic: everything goes to a temporary directory next to ``path`` which then
-    takes ``path``'s place in one rename (a previous model there stays intact until that
-    moment, and is removed after). Tensors that share storage are written as separate copies
+    takes ``path``'s place in one rename, or, over a previous model, one atomic exchange
+    (Linux ``renameat2``; elsewhere the old model is renamed aside first), so ``path`` never
+    holds a half-written model and a previous one stays intact until the new one is complete. Tensors that share storage are written as separate copies
     (safetensors refuses shared tensors); loading restores the sharing the recipe rebuilds.
 
     Raises:
@@ -69,6 +70,9 @@ def save(gm: fx.GraphModule, path: str | os.PathLike) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the saved model private
         weights = tmp / WEIGHTS_FILE
         save_file(tensors, str(weights))
         _fsync(weights)
@@ -90,8 +94,8 @@ def save(gm: fx.GraphModule, path: str | os.PathLike) -> Path:
                 },
             },
         }
-        document["checksum"] = _checksum(document)
         try:
+            document["checksum"] = _checksum(document)
             text = json.dumps(document, indent=1, sort_keys=True)
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"the recipe of this GraphModule is not JSON: {exc}") from exc

@@ -62,7 +62,8 @@ class ScalingSchedule:
     ``budget_unit``) and ``total_param_target`` (the model's parameter count after the last
     round; each round spends the remaining difference divided by the remaining rounds).
     ``epochs`` (the run's length), when given, must leave at least one epoch of training
-    after every growth.
+    after every growth. A parameter budget counts the parameters growth really adds: 2(d+1)
+    per neuron of fan-in d in ``mode="paper"``, d+1 in ``mode="fused"``.
     """
 
     warmup_epochs: int
@@ -279,8 +280,11 @@ class Scaler:
         record["analysis_seconds"] = time.perf_counter() - started
         self.last_report = report
         record["eigenvalues"] = {t: _eigen_stats(report, t) for t in report.eigenvalues}
-        plan = select(report, budget=budget, layer_threshold=schedule.layer_threshold,
-                      budget_unit=unit)
+        # select prices a neuron as the paper's pair, 2(d+1) parameters; a fused neuron
+        # adds d+1, so a parameter budget buys twice the neurons in fused mode.
+        fused_params = unit == "params" and schedule.mode == "fused"
+        plan = select(report, budget=budget * 2 if fused_params else budget,
+                      layer_threshold=schedule.layer_threshold, budget_unit=unit)
         record["plan"] = plan.to_dict()
         record["plan_size"] = {t: len(idx) for t, idx in plan.items()}
         if plan.num_neurons == 0:

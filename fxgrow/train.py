@@ -235,22 +235,23 @@ def fit(
         run.write_metrics(metrics)
         run.write_growth(scaler.records if scaler is not None else [])
 
-    def maybe_grow(epoch: int) -> fx.GraphModule:
+    def grow_after(epoch: int) -> bool:
+        """Run the round due after ``epoch`` (if any, and not run yet); checkpoint it."""
+        nonlocal model
         if scaler is None:
-            return model
-        before = len(scaler.records)
-        grown = scaler.after_epoch(epoch)
-        if len(scaler.records) > before:
-            record = scaler.records[-1]
-            if record.get("grown") and scaler.last_report is not None:
-                run.plot_round(scaler.last_report, record["round"])
-        return grown
+            return False
+        rounds = len(scaler.records)
+        model = scaler.after_epoch(epoch)
+        if len(scaler.records) == rounds:
+            return False
+        record = scaler.records[-1]
+        if record.get("grown"):
+            run.plot_round(scaler.last_report, record["round"])
+        save(epoch, "grown")
+        return True
 
-    if ckpt is not None and start > 0:
-        previous = len(scaler.records) if scaler is not None else 0
-        model = maybe_grow(ckpt.epoch)
-        if scaler is not None and len(scaler.records) > previous:
-            save(ckpt.epoch, "grown")
+    if ckpt is not None:  # the round after the checkpoint's epoch may not have run yet
+        grow_after(ckpt.epoch)
     for epoch in range(start, config.epochs):
         started = time.perf_counter()
         train_loader.sampler.set_epoch(epoch)
@@ -275,10 +276,7 @@ def fit(
         metrics.append(record)
         save(epoch, "epoch")
         checkpoint.fault_point("epoch_end")
-        rounds = len(scaler.records) if scaler is not None else 0
-        model = maybe_grow(epoch)
-        if scaler is not None and len(scaler.records) > rounds:
-            save(epoch, "grown")
+        if grow_after(epoch):
             checkpoint.fault_point("after_growth")
     records = scaler.records if scaler is not None else []
     run.plot_metrics(metrics, [r["epoch"] for r in records if r.get("grown")])

@@ -15,6 +15,17 @@ from fxgrow.passes import analyze, default_targets, grow, splitting_matrices
 from fxgrow.passes.analyze import _Reservoir
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Many small GEMMs and eigensolver steps: on a machine shared by several test processes
+    # a second intra-op thread makes them many times slower (OpenMP threads wait on each
+    # other), so these tests run on one and give the setting back afterwards.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 class Tiny(nn.Module):
     """fc1 -> GELU -> fc2 (no bias) -> mean over tokens -> head. Tokens: (B, N, 4)."""
 

@@ -177,7 +177,8 @@ def test_shared_module_grows_at_every_call_with_the_same_new_modules():
     calls = [n.target for n in grown.graph.nodes if n.op == "call_module"]
     assert calls.count("fc_grow0_plus") == 2 and calls.count("fc_grow0_minus") == 2
     new_params = {n for n, _ in grown.named_parameters()} - {n for n, _ in gm.named_parameters()}
-    assert new_params == {f"fc_grow0_{r}.{k}" for r in ("plus", "minus") for k in ("weight", "bias")}
+    assert new_params == {f"fc_grow0_{role}.{kind}" for role in ("plus", "minus")
+                          for kind in ("weight", "bias")}
     report = check_equivalence(gm, grown, torch.randn(4, 6))
     assert report.ok, report.table(only_failures=True)
 
@@ -444,7 +445,12 @@ def _random_plan(gm, rng: random.Random, fraction: float) -> GrowthPlan:
     return GrowthPlan(plan)
 
 
-@pytest.mark.parametrize("name", list(FAMILIES))
+_SLOW_FAMILIES = {"maxvit_tiny_tf_224", "mvitv2_tiny"}  # 20-35 s each on a loaded machine
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.slow) if n in _SLOW_FAMILIES else n for n in FAMILIES
+])
 def test_family_random_rounds_are_exact(name):
     kwargs = FAMILIES[name]
     model = timm.create_model(name, pretrained=False, num_classes=7, **kwargs).eval()
@@ -534,3 +540,58 @@ def test_gradient_layout_is_kept_through_the_write_back():
     grown = grow(gm, {"mix": [0, 1, 3]})
     report = check_equivalence(gm, grown, torch.randn(3, 4, 9, 9) * 5)
     assert report.ok, report.table(only_failures=True)
+
+
+def _small_vit(**kw):
+    return dict(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=4, **kw)
+
+
+# The families reduce supports (tests/test_reduce_families.py), at the same small sizes:
+# (builder, image side, reduce spec). eva02 and xcit keep their head dim (RoPE tables and
+# channel attention fix it); their MLPs are halved.
+_HALF = dict(head_dim=0.5, mlp_hidden=0.5)
+REDUCED_FAMILIES = {
+    "vit": (lambda: timm.create_model("vit_small_patch16_224", **_small_vit()), 32, _HALF),
+    "vit_qknorm": (lambda: timm.create_model("vit_small_patch16_224",
+                                             **_small_vit(qk_norm=True)), 32, _HALF),
+    "deit": (lambda: timm.create_model("deit_tiny_patch16_224", **_small_vit()), 32, _HALF),
+    "deit3": (lambda: timm.create_model("deit3_small_patch16_224", **_small_vit()), 32, _HALF),
+    "beit": (lambda: timm.create_model("beit_base_patch16_224", **_small_vit()), 32, _HALF),
+    "cait": (lambda: timm.create_model("cait_xxs24_224", **_small_vit(depth_token_only=1)), 32,
+             _HALF),
+    "swin": (lambda: timm.create_model("swin_tiny_patch4_window7_224", img_size=32,
+                                       window_size=4, embed_dim=32, depths=(1, 1),
+                                       num_heads=(2, 4)), 32, _HALF),
+    "levit": (lambda: timm.create_model("levit_128s", img_size=64, embed_dim=(64, 96), key_dim=8,
+                                        depth=(1, 1), num_heads=(2, 3)), 64, _HALF),
+    "pit": (lambda: timm.create_model("pit_ti_224", img_size=64, depth=(1, 1, 1)), 64, _HALF),
+    "eva02": (lambda: timm.create_model("eva02_tiny_patch14_224", img_size=28, depth=1), 28,
+              dict(mlp_hidden=0.5)),
+    "xcit": (lambda: timm.create_model("xcit_nano_12_p16_224", img_size=32, embed_dim=64,
+                                       depth=1, num_heads=4, cls_attn_layers=1), 32,
+             dict(mlp_hidden=0.5)),
+}
+
+
+@pytest.mark.parametrize("fused_attn", [True, False])
+@pytest.mark.parametrize("name", list(REDUCED_FAMILIES))
+def test_reduced_family_grows_exactly(name, fused_attn):
+    from fxgrow.passes.reduce import reduce
+
+    builder, side, spec = REDUCED_FAMILIES[name]
+    torch.manual_seed(0)
+    model = builder().eval()
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = fused_attn
+    x = torch.randn(2, 3, side, side)
+    base = reduce(fxgrow.trace(model), spec, x[:1])
+    rng = random.Random(f"{name}{fused_attn}")
+    grown = base
+    for r in range(2):
+        grown = grow(grown, _random_plan(grown, rng, 1.0 if r == 0 else 0.5),
+                     mode=rng.choice(["paper", "fused"]))
+    report = check_equivalence(base, grown, x)
+    assert report.ok, report.table(only_failures=True)
+    assert sum(row.kind == "grad" for row in report.rows) == len(list(base.parameters()))
+    assert [r["pass"] for r in fxgrow.history(grown)][-2:] == ["grow", "grow"]

@@ -171,6 +171,9 @@ def test_overwrite_replaces_previous_model(tmp_path):
     fxgrow.save(grown, path)
     assert fxgrow.recipe(fxgrow.load(path)) == fxgrow.recipe(grown)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temp dirs left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o777 & ~umask  # not the temp dir's private 0700
 
 
 def test_overwrite_without_atomic_exchange(tmp_path, monkeypatch):
@@ -348,6 +351,15 @@ def _bad_plan(path, other):
     _rewrite_recipe(path, edit)
 
 
+def _renamed_growth_resealed(path, other):
+    def edit(document):
+        created = document["history"][0]["args"]["created"]
+        name = sorted(created)[0]
+        created[name.replace("_grow0_", "_grow5_")] = created.pop(name)
+
+    _rewrite_recipe(path, edit)
+
+
 def _unknown_version(path, other):
     _rewrite_recipe(path, lambda d: d.update(format_version=99))
 
@@ -385,6 +397,8 @@ CORRUPTIONS = {
     "unknown pass": (_unknown_pass, r"record 1 names unknown pass 'frobnicate'"),
     "plan for another graph": (_bad_plan, r"replaying history record 0 \(pass 'grow'\) failed: "
                                           r"PlanError.*blocks\.9\.mlp\.fc1"),
+    "growth record naming other modules, resealed": (
+        _renamed_growth_resealed, r"replayed growth created \[.*\], the record says .*_grow5_"),
     "unknown format version": (_unknown_version, r"unknown format version 99"),
     "garbage safetensors header": (_garbage_header_resealed,
                                    r"not a readable safetensors file"),

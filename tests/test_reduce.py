@@ -7,7 +7,6 @@ import operator
 import pytest
 import timm
 import torch
-from timm.models.vision_transformer import VisionTransformer
 
 import fxgrow
 from fxgrow.passes import ReduceSpec, reduce, replay_reduce
@@ -157,6 +156,8 @@ def test_replay_on_different_weights_is_exact():
     assert "reduce" in fxgrow.passes.registered_passes()
     c = reduce(fxgrow.trace(a_model), **args)
     assert torch.equal(c(x), a(x))
+    d = fxgrow.passes.replay_history(fxgrow.trace(a_model), fxgrow.history(a))
+    assert torch.equal(d(x), a(x))
 
 
 def test_norm_keeps_the_largest_rows():
@@ -198,3 +199,47 @@ def test_beit_cat_bias_is_sliced_per_operand():
     assert torch.equal(out.get_parameter("blocks.0.attn.v_bias"), attn.v_bias[q_rows])
     assert out.get_buffer("blocks.0.attn.k_bias").shape == (24,)
     out(torch.randn(2, 3, 32, 32)).sum().backward()
+
+
+class SplitQKV(torch.nn.Module):
+    """Fused qkv split by size, functional qk-norm on the head dim, sdpa with a given scale."""
+
+    def __init__(self, dim=16, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.qn_w, self.qn_b = torch.nn.Parameter(torch.rand(dim // heads)), torch.nn.Parameter(torch.rand(dim // heads))
+        self.proj = torch.nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=-1)
+        q, k, v = (t.reshape(B, N, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))
+        q = torch.nn.functional.layer_norm(q, (C // self.heads,), self.qn_w, self.qn_b)
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.5)
+        return x + self.proj(a.transpose(1, 2).reshape(B, N, C))
+
+
+def test_split_sizes_functional_norm_and_sdpa_scale_are_rewritten():
+    model = SplitQKV()
+    gm = fxgrow.trace(model)
+    out = reduce(gm, {"head_dim": 0.5, "keep": "first"}, torch.randn(1, 3, 16))
+    nodes = {n.name: n for n in out.graph.nodes}
+    assert nodes["split"].args[1] == [8, 8, 8]
+    assert nodes["layer_norm"].args[1] == (2,)
+    assert nodes["scaled_dot_product_attention"].kwargs["scale"] == 2 ** -0.5
+    assert torch.equal(out.get_parameter("qn_w"), model.qn_w[:2])
+    removed = 16 * 24 + 24 + 16 * 8 + 2 + 2  # qkv rows, qkv bias, proj columns, norm weight+bias
+    assert sum(p.numel() for p in out.parameters()) == sum(p.numel() for p in model.parameters()) - removed
+    # keep="first" on every head: the function equals one computed by hand from sliced weights
+    x = torch.randn(2, 5, 16)
+    rows = [s * 16 + h * 4 + d for s in range(3) for h in range(4) for d in range(2)]
+    B, N, C = x.shape
+    q, k, v = torch.nn.functional.linear(x, model.qkv.weight[rows], model.qkv.bias[rows]).split(8, dim=-1)
+    q, k, v = (t.reshape(B, N, 4, 2).transpose(1, 2) for t in (q, k, v))
+    q = torch.nn.functional.layer_norm(q, (2,), model.qn_w[:2], model.qn_b[:2])
+    a = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=2 ** -0.5)
+    cols = [h * 4 + d for h in range(4) for d in range(2)]
+    expected = x + torch.nn.functional.linear(a.transpose(1, 2).reshape(B, N, 8), model.proj.weight[:, cols], model.proj.bias)
+    torch.testing.assert_close(out(x), expected)
+    out(x).sum().backward()

@@ -71,9 +71,11 @@ def _loop(schedule, epochs=5):
     return scaler, optimizer, models
 
 
-def test_scaler_grows_on_schedule_preserving_the_loss():
+@pytest.mark.parametrize("mode, init_state", [("paper", "fresh"), ("fused", "parent")])
+def test_scaler_grows_on_schedule_preserving_the_loss(mode, init_state):
     schedule = ScalingSchedule(warmup_epochs=2, interval=2, end_epoch=4, epochs=5,
-                               budget_per_round=6, layer_threshold=1, analysis_batches=2)
+                               budget_per_round=6, layer_threshold=1, analysis_batches=2,
+                               mode=mode, init_state=init_state)
     scaler, optimizer, models = _loop(schedule)
     assert [r["epoch"] for r in scaler.records] == [1, 3] == scaler.rounds_done
     assert models[1] is not models[0]
@@ -99,13 +101,14 @@ def test_scaler_grows_on_schedule_preserving_the_loss():
         Scaler(models[-1], optimizer, changed, [], F.cross_entropy).load_state_dict(state)
 
 
-def test_total_param_target_is_spread_over_the_rounds():
+@pytest.mark.parametrize("mode", ["paper", "fused"])
+def test_total_param_target_is_spread_over_the_rounds(mode):
     torch.manual_seed(0)
     start = count_params(fxgrow.models.build("tiny_vit", **KWARGS))
     target = start + 1200
     schedule = ScalingSchedule(warmup_epochs=1, interval=1, end_epoch=3, epochs=4,
                                total_param_target=target, layer_threshold=1,
-                               analysis_batches=2)
+                               analysis_batches=2, mode=mode)
     scaler, _, models = _loop(schedule, epochs=4)
     budgets = [r["budget"] for r in scaler.records]
     assert budgets[0] == (target - start) // 3
@@ -115,3 +118,13 @@ def test_total_param_target_is_spread_over_the_rounds():
     assert count_params(models[-1]) <= target
     # fan-in of the largest target is 64 (fc2 of tiny_vit, dim 16 x 4): one pair costs 130
     assert target - count_params(models[-1]) < 3 * 130
+
+
+def test_a_round_with_no_eligible_layer_grows_nothing():
+    schedule = ScalingSchedule(warmup_epochs=1, interval=1, end_epoch=1, epochs=2,
+                               budget_per_round=6, layer_threshold=10_000, analysis_batches=1)
+    scaler, optimizer, models = _loop(schedule, epochs=2)
+    assert models[1] is models[0]
+    (record,) = scaler.records
+    assert record["grown"] is False and record["plan_size"] == {}
+    assert record["params_after"] == record["params_before"] == count_params(models[0])

@@ -62,6 +62,7 @@ from torch import nn
 from ..errors import PlanError
 from ..linears import LinearSite, _functional_args
 from ..plan import GrowthPlan
+from ..recipes import history
 from ._rebuild import build_graph_module
 
 PASS_NAME = "grow"
@@ -112,7 +113,7 @@ def grow(
     created: dict[str, dict[str, Any]] = {}
     taken: set[str] = set()
     for target, indices in plan.items():
-        stem = _stem(gm, sites[target][0])
+        stem = _stem(sites[target][0])
         r = _free_round(gm, stem, taken)
         names = {role: f"{stem}_grow{r}_{role}" for role in (*_ROLES, "index")}
         taken.update(names.values())
@@ -145,8 +146,6 @@ def grow_lineage(
     the parent target. ``source`` is a grown GraphModule (all grow records of its history)
     or one grow record."""
     if isinstance(source, fx.GraphModule):
-        from ..recipes import history
-
         records = [r for r in history(source) if r.get("pass") == PASS_NAME]
     elif isinstance(source, Mapping) and source.get("pass") == PASS_NAME:
         records = [source]
@@ -162,7 +161,7 @@ def grow_lineage(
     return lineage
 
 
-def _stem(gm: fx.GraphModule, site: LinearSite) -> str:
+def _stem(site: LinearSite) -> str:
     """The name new modules derive from: the module path, or for ``F.linear`` the path of
     the weight's owner when the weight is called ``weight``."""
     if site.kind == "functional" and site.target.endswith(".weight"):
@@ -190,10 +189,8 @@ def _free_round(gm: fx.GraphModule, stem: str, taken: set[str]) -> int:
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    module = nn.utils.skip_init(
-        nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None,
-        device=weight.device, dtype=weight.dtype,
-    )
+    # built on the meta device: its own initialisation would be thrown away
+    module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
     module.weight = nn.Parameter(weight)
     if bias is not None:
         module.bias = nn.Parameter(bias)

@@ -30,7 +30,7 @@ from ..errors import ReduceError
 from ..linears import linear_sites
 from ._rebuild import build_graph_module
 from .replay import register_replay
-from .width_groups import _SDPA, WidthAnalysis, WidthGroup, _Lab, analyse, compact
+from .width_groups import _SDPA, WidthAnalysis, WidthGroup, _Lab, analyse
 
 Width = float | int | None
 
@@ -171,7 +171,11 @@ def _select(analysis: WidthAnalysis, spec: ReduceSpec) -> tuple[np.ndarray, list
             raise ReduceError(f"widths: {target!r} is not the producer of any width group")
     for kind, request in (("attn_head", spec.head_dim), ("mlp_hidden", spec.mlp_hidden)):
         if request is not None and request != 1.0 and not any(g.kind == kind for g in groups):
-            raise ReduceError(f"{kind} width requested but the graph has no {kind} group")
+            tied = "; ".join(f"{g.producers[0]!r}: {g.reason}" for g in groups
+                             if not g.reducible and "residual" not in g.reason
+                             and "graph output" not in g.reason)[:600]
+            raise ReduceError(f"{kind} width requested but the graph has no {kind} group"
+                              + (f" (groups that are tied: {tied})" if tied else ""))
     for group in groups:
         explicit = [spec.widths[t] for t in group.producers if t in spec.widths]
         if explicit:
@@ -208,9 +212,7 @@ def _select(analysis: WidthAnalysis, spec: ReduceSpec) -> tuple[np.ndarray, list
 class _Shapes:
     """New shapes of labelled tensors once the dropped channels are gone."""
 
-    def __init__(self, analysis: WidthAnalysis, keep_id: torch.Tensor):
-        self.analysis = analysis
-        self.keep_id = keep_id
+    def __init__(self, keep_id: torch.Tensor):
         # one extra True at the end: label -1 (untracked) indexes it
         self.keep_ext = np.append(keep_id.numpy(), True)
         self.cache: dict[int, tuple[list[int], int | None]] = {}
@@ -320,10 +322,12 @@ def _rewrite_scale(node: fx.Node, new_node: fx.Node, analysis: WidthAnalysis, sh
     new_node.args = tuple(args)
 
 
-def _rewrite_entries(entries: list[Any], old: Sequence[int], new: Sequence[int], offset: int,
-                     allow_minus_one: bool = True) -> list[Any]:
+def _rewrite_entries(entries: list[Any], old: Sequence[int], new: Sequence[int],
+                     offset: int) -> list[Any]:
+    """Shape entries with the changed size written as a literal (a -1 infers it already; a
+    size computed in the graph, such as ``C // num_heads``, would keep the old value)."""
     for d in range(len(entries)):
-        if new[d + offset] != old[d + offset] and not (allow_minus_one and entries[d] == -1):
+        if new[d + offset] != old[d + offset] and entries[d] != -1:
             entries[d] = new[d + offset]
     return entries
 
@@ -341,6 +345,12 @@ def _rewrite_shape_args(node: fx.Node, new_node: fx.Node, analysis: WidthAnalysi
         if dim is None:
             return
         args = list(new_node.args)
+        if len(args) == 2 and isinstance(args[1], fx.Node) and isinstance(
+                analysis.meta.get(node.args[1].name), tuple):
+            return  # reshape(y.shape): follows y's new shape when the graph runs
+        entries = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:]
+        if len(entries) != len(old):
+            raise ReduceError(f"node {node.name!r}: cannot rewrite the shape argument of {name}")
         if method and len(args) == 2 and isinstance(args[1], (tuple, list)):
             args[1] = type(args[1])(_rewrite_entries(list(args[1]), old, new, 0))
         elif method:
@@ -355,7 +365,8 @@ def _rewrite_shape_args(node: fx.Node, new_node: fx.Node, analysis: WidthAnalysi
         if dim is None:
             return
         args = list(new_node.args)
-        start = args[1] % len(old) if args[1] >= 0 else args[1] + len(old)
+        in_dims = len(old) - len(args[2]) + 1
+        start = args[1] if args[1] >= 0 else args[1] + in_dims
         args[2] = type(args[2])(_rewrite_entries(list(args[2]), old, new, start))
         new_node.args = tuple(args)
     elif name in ("split", "split_with_sizes") and isinstance(lab, tuple) and isinstance(old, tuple):
@@ -441,7 +452,7 @@ def reduce(
     analysis = analyse(gm, example_inputs)
     keep_class, changed = _select(analysis, spec)
     keep_id = torch.from_numpy(keep_class[analysis.class_of]) if len(analysis.class_of) else torch.zeros(0, dtype=torch.bool)
-    shapes = _Shapes(analysis, keep_id)
+    shapes = _Shapes(keep_id)
     changed_nodes = set().union(*(g.nodes for g in changed)) if changed else set()
 
     # Every tensor of a changed group must keep a rectangular shape.

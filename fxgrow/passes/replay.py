@@ -5,8 +5,9 @@ record back into a call of the pass: ``replayer(gm, args) -> GraphModule``. ``fx
 rebuilds the base model and feeds every record of the saved history through this registry,
 so the structure comes back from data alone (no pickled code); weights are loaded afterwards.
 
-A new pass makes itself loadable with ``register_replay("my_pass", fn)`` (or as a decorator).
-The replayers of fxgrow's own passes are registered below and import their pass lazily.
+A pass makes itself loadable with ``register_replay("my_pass", fn)`` (or as a decorator), as
+``fxgrow.passes.reduce`` does. ``grow``'s replayer is below: besides replaying the plan it
+checks that the replay created the modules the record names, so weights land where they were.
 """
 
 from __future__ import annotations

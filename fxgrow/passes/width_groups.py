@@ -9,6 +9,11 @@ product, the dot product of q and k, a qk-norm weight) couple the ids they meet;
 width fixed (an add with the residual stream, a conv, a frozen table, the graph output) *tie*
 them, with the node as the reason. Couplings between fx nodes form a networkx graph whose
 connected components are the groups (DESIGN.md section 2).
+
+Only shapes and sizes of the real values matter, so the run happens on the meta device (no
+arithmetic; shapes are recorded as they go, which ShapeProp would do in a second run) and
+falls back to real values when a label op needs a tensor computed in the graph, such as an
+index.
 """
 
 from __future__ import annotations
@@ -96,10 +101,6 @@ def _varies(ids: torch.Tensor, dim: int) -> bool:
     return not torch.equal(ids, ids.narrow(dim, 0, 1).expand_as(ids))
 
 
-def _varying_dims(ids: torch.Tensor) -> list[int]:
-    return [d for d in range(ids.dim()) if _varies(ids, d)]
-
-
 def compact(ids: torch.Tensor) -> torch.Tensor:
     """``ids`` with every dimension along which it is constant cut to size 1."""
     out = ids
@@ -135,8 +136,12 @@ class WidthGroup:
 
     def __repr__(self) -> str:
         sizes = set(self.segment_sizes)
-        shape = (f"{len(self.segment_sizes)} x {self.width}" if len(sizes) == 1
-                 else "+".join(map(str, self.segment_sizes)))
+        if len(sizes) == 1:
+            shape = f"{len(self.segment_sizes)} x {self.width}"
+        elif len(self.segment_sizes) <= 6:
+            shape = "+".join(map(str, self.segment_sizes))
+        else:
+            shape = f"{len(self.segment_sizes)} segments of {min(sizes)}..{max(sizes)}"
         state = "reducible" if self.reducible else f"tied: {self.reason}"
         return (f"WidthGroup({self.kind}, {shape}, producers={list(self.producers)}, "
                 f"consumers={list(self.consumers)}, {state})")
@@ -162,6 +167,10 @@ class WidthAnalysis:
     consumers: list[_Consumer]
     logits: dict[str, str]  # matmul/sdpa node name -> its contracted q operand's node name
     group_of_node: dict[str, int]
+
+
+class _NeedsRealValues(Exception):
+    """A label op needs a computed tensor's values: the run on the meta device stops."""
 
 
 class _Labeller(fx.Interpreter):
@@ -245,7 +254,7 @@ class _Labeller(fx.Interpreter):
         result = super().run_node(n)
         try:
             lab = self._label(n, result)
-        except ReduceError:
+        except (ReduceError, _NeedsRealValues):
             raise
         except Exception as exc:  # a label op the value op accepted: treat as a hard tie
             for arg in _node_args(n):
@@ -403,6 +412,15 @@ class _Labeller(fx.Interpreter):
                 self._union(lab.ids, plab.ids, [n.name, arg.name])
         return lab
 
+    def _real(self, arg: fx.Node) -> Any:
+        """The value of ``arg`` as an argument of a label op: an index tensor must be real."""
+        value = self.env[arg]
+        if isinstance(value, torch.Tensor) and value.is_meta:
+            if arg.op != "get_attr":
+                raise _NeedsRealValues(arg.name)
+            value = fx.graph_module._get_attr(self.module, arg.target)
+        return value
+
     def _shape_op(self, n: fx.Node, result: Any, method: bool) -> Any:
         first = self._lab(n.args[0])
         if first is None:
@@ -411,8 +429,8 @@ class _Labeller(fx.Interpreter):
             if n.target is operator.getitem:
                 return first[n.args[1]]
             return None
-        kwargs = fx.node.map_arg(n.kwargs, lambda a: self.env[a])
-        rest = list(fx.node.map_arg(tuple(n.args[1:]), lambda a: self.env[a]))
+        kwargs = fx.node.map_arg(n.kwargs, self._real)
+        rest = list(fx.node.map_arg(tuple(n.args[1:]), self._real))
         if method:
             out = getattr(first.ids, n.target)(*rest, **kwargs)
         else:
@@ -669,9 +687,9 @@ def _asserted_side(placeholder: fx.Node) -> int | None:
 
 def synthesise_inputs(gm: fx.GraphModule) -> tuple[torch.Tensor, ...]:
     """Example inputs for a graph with one tensor input: an image batch of one when the input
-    first meets a Conv2d (its ``in_channels``; the side the graph asserts, else the base
-    spec's ``img_size``, else 224),
-    a (1, 8, in_features) sequence when it first meets a linear."""
+    first meets a Conv2d (its ``in_channels``; the side the graph asserts, else the base spec's
+    ``img_size``, else 224), a (1, 8, in_features) sequence when it first meets a linear.
+    Zeros: only shapes matter, and the caller's random state is left alone."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder" and not n.args]
     if len(placeholders) != 1:
         raise ReduceError(f"graph has {len(placeholders)} inputs: pass example_inputs")
@@ -690,12 +708,12 @@ def synthesise_inputs(gm: fx.GraphModule) -> tuple[torch.Tensor, ...]:
                     "kwargs", {}).get("img_size", 224)
                 side = _asserted_side(placeholders[0]) or int(
                     base_size[0] if isinstance(base_size, (tuple, list)) else base_size)
-                return (torch.randn(1, module.in_channels, side, side),)
+                return (torch.zeros(1, module.in_channels, side, side),)
             if isinstance(module, nn.Linear):
-                return (torch.randn(1, 8, module.in_features),)
+                return (torch.zeros(1, 8, module.in_features),)
         site = linear_site(gm, node)
         if site is not None:
-            return (torch.randn(1, 8, site.in_features),)
+            return (torch.zeros(1, 8, site.in_features),)
         frontier.extend(node.users)
     raise ReduceError("cannot guess an example input for this graph: pass example_inputs")
 

@@ -93,7 +93,8 @@ class EquivalenceReport:
         header = ("kind", "name", "op", "shape", "max|diff|", "status")
         lines = [
             (r.kind, r.name, r.op, "x".join(map(str, r.shape)) if r.shape is not None else "-",
-             f"{r.max_abs_diff:.3g}", ("ok" if r.ok else "DIFF") + (f" ({r.note})" if r.note else ""))
+             f"{r.max_abs_diff:.3g}",
+             ("ok" if r.ok else "DIFF") + (f" ({r.note})" if r.note else ""))
             for r in shown
         ]
         widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h)
@@ -130,9 +131,7 @@ def _leaves(value: Any) -> list[Any]:
 
 
 def _exact(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" and (
-        t.dtype in (torch.float32, torch.float64) or not (t.is_floating_point() or t.is_complex())
-    )
+    return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
 
 
 def _compare_tensor(
@@ -146,7 +145,9 @@ def _compare_tensor(
         b = b.to(a.device)
     if a.numel() == 0:
         return 0.0, True, ""
-    if not (a.is_floating_point() or a.is_complex()):
+    if a.is_complex():
+        a, b = torch.view_as_real(a), torch.view_as_real(b)
+    if not a.is_floating_point():
         diff = (a.long() - b.long()).abs().max().item() if a.dtype != torch.bool else float(
             (a != b).any().item())
         return float(diff), diff == 0, ""
@@ -181,13 +182,21 @@ def _compare(a: Any, b: Any, atol: float | None, rtol: float | None) -> tuple[fl
         elif isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
             d, good, why = math.inf, False, "tensor vs non-tensor"
         else:
-            good = x == y if not (isinstance(x, float) and math.isnan(x)) else (
-                isinstance(y, float) and math.isnan(y))
+            good = _same_object(x, y)
             d, why = (0.0 if good else math.inf), ("" if good else f"{x!r} vs {y!r}")
         worst = max(worst, d)
         if not good and ok:
             ok, note = False, why
     return worst, ok, note
+
+
+def _same_object(x: Any, y: Any) -> bool:
+    if isinstance(x, float) and math.isnan(x):
+        return isinstance(y, float) and math.isnan(y)
+    try:
+        return bool(x == y)
+    except Exception:  # an object whose == is not a truth value
+        return x is y
 
 
 def _shape(value: Any) -> tuple[int, ...] | None:
@@ -277,7 +286,8 @@ def check_equivalence(
 
     Exact on CPU float32/float64 unless ``atol``/``rtol`` are given; dtype tolerances
     elsewhere (see the module docstring for the matching rule and the guarantees that
-    neither model nor the global RNG is changed).
+    neither model nor the global RNG is changed). A copy of every shared node's reference
+    value is held until the candidate reaches that node: use a small batch on large models.
 
     Raises:
         EquivalenceError: a graph fails to run (naming the node), or, with

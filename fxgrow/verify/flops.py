@@ -70,6 +70,7 @@ ZERO_COST_OPS: frozenset[str] = frozenset(
         "leaky_relu softmax log_softmax "
         # reductions, pooling and indexing
         "mean sum amax amin argmax norm linalg_vector_norm frobenius_norm index_add index_add_ "
+        "index_put index_put_ "
         "index_select scatter scatter_add masked_scatter repeat repeat_interleave tile cumsum "
         "sort topk pad max_pool2d avg_pool2d avg_pool1d adaptive_avg_pool1d adaptive_max_pool2d "
         # layout and creation
