@@ -181,6 +181,8 @@ def save(
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
     _fsync_tree(tmp)
     final = root / name
+    if final.exists():  # complete but never made latest: the run was killed right here
+        shutil.rmtree(final)
     os.replace(tmp, final)
     pointer_tmp = root / f".{_LATEST}.tmp-{os.getpid()}"
     with open(pointer_tmp, "w") as handle:

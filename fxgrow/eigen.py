@@ -163,7 +163,7 @@ def lanczos_smallest(
     count: int,
     dim: int,
     *,
-    tol: float = 1e-5,
+    tol: float = 1e-4,
     max_iter: int = 80,
     eigenvectors: bool = False,
     seed: int = 0,

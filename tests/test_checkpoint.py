@@ -134,6 +134,18 @@ def test_kill_in_the_middle_of_a_checkpoint_write_keeps_the_previous_one(tmp_pat
     assert not any(p.name.startswith(".tmp-") for p in ckdir.iterdir())
 
 
+def test_a_checkpoint_that_never_became_latest_is_replaced(tmp_path):
+    # Killed after renaming ckpt-000001 into place but before LATEST moved to it.
+    gm, optimizer, scheduler = _trained_grown()
+    _save(tmp_path, gm, optimizer, scheduler, epoch=0)
+    stale = tmp_path / "checkpoints" / "ckpt-000001"
+    stale.mkdir()
+    (stale / "meta.json").write_text("{}")
+    assert checkpoint.load(tmp_path, CONFIG).epoch == 0
+    _save(tmp_path, gm, optimizer, scheduler, epoch=1)
+    assert checkpoint.load(tmp_path, CONFIG).epoch == 1
+
+
 def test_foreign_missing_and_corrupt_checkpoints_are_refused(tmp_path):
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
         checkpoint.load(tmp_path, CONFIG)

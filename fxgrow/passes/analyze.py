@@ -456,7 +456,7 @@ def analyze(
     eigenvectors: bool = False,
     progress: bool = True,
     seed: int = 0,
-    tol: float = 1e-5,
+    tol: float = 1e-4,
     max_iter: int = 100,
 ) -> SplittingReport:
     """Smallest eigenvalue of every neuron's splitting matrix, for each target linear.
