@@ -9,7 +9,10 @@ recording copy, reservoir filled, no eigensolver), ``analyze(method="fast")`` an
 better part of an hour on 2 cores, so both methods are compared on the four layers of
 block 0 (qkv, proj, fc1, fc2); ``fast`` is also run on every layer.
 
-    .venv/bin/python benchmarks/bench_analyze.py [--skip-deit] [--threads 2]
+    .venv/bin/python benchmarks/bench_analyze.py [--skip-deit] [--threads 1]
+
+One thread by default: on a machine shared with other jobs, a second intra-op thread made
+every step here many times slower (OpenMP threads waiting on each other).
 """
 
 from __future__ import annotations
@@ -99,7 +102,7 @@ def bench(name, gm, x, y, exact_targets, rows, reservoirs=()):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--skip-deit", action="store_true")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -113,7 +116,7 @@ def main() -> None:
         gm = fxgrow.models.deit_small_reduced()
         x, y = torch.randn(16, 3, 224, 224), torch.randint(0, 100, (16,))
         block0 = [t for t in default_targets(gm) if t.startswith("blocks.0.")]
-        bench("deit_small_reduced 224px b16", gm, x, y, block0, rows, reservoirs=(1024, 512))
+        bench("deit_small_reduced 224px b16", gm, x, y, block0, rows, reservoirs=(1024,))
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'model':<30} {'what':<30} {'seconds':>9} {'x train':>8}  notes")

@@ -5,6 +5,7 @@ The pipeline (DESIGN.md section 1): ``trace`` -> ``passes.reduce`` -> train -> `
 """
 
 from . import models, passes, verify
+from . import distributed
 from .errors import (
     AnalysisError,
     CheckpointError,
@@ -50,6 +51,7 @@ __all__ = [
     "Summary",
     "TraceError",
     "diff",
+    "distributed",
     "draw_growth",
     "history",
     "linear_sites",

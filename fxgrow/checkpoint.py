@@ -15,8 +15,12 @@ the one written right after a growth round that followed it; a run resumed from 
 ``"epoch"`` checkpoint calls ``Scaler.after_epoch`` for that epoch again, which runs the round
 if it had not run (rounds are idempotent per epoch).
 
-Fault injection for tests: ``FXGROW_FAULT=<hook>[:<n>]`` kills the process with SIGKILL the
-``n``-th time (default 1) execution reaches :func:`fault_point` with that hook name.
+Fault injection for tests: ``FXGROW_FAULT=<hook>[:<n>][@<rank>]`` kills the process with
+SIGKILL the ``n``-th time (default 1) execution reaches :func:`fault_point` with that hook
+name; with ``@<rank>`` only the process whose ``RANK`` (torchrun's variable) is ``rank``.
+
+Under torch.distributed every rank holds the same state; rank 0 alone writes (the trainer
+calls :func:`save` through :func:`fxgrow.distributed.on_main`) and every rank loads.
 """
 
 from __future__ import annotations
@@ -47,8 +51,9 @@ def fault_point(name: str) -> None:
     spec = os.environ.get("FXGROW_FAULT")
     if not spec:
         return
+    spec, _, rank = spec.partition("@")
     hook, _, count = spec.partition(":")
-    if hook != name:
+    if hook != name or (rank and rank != os.environ.get("RANK", "0")):
         return
     _fault_counts[name] = _fault_counts.get(name, 0) + 1
     if _fault_counts[name] == int(count or 1):

@@ -27,11 +27,15 @@ examples:
   fxgrow grow models/m --plan plan.json --out models/m_grown
   fxgrow verify models/m models/m_grown
   fxgrow demo-reduce
+  torchrun --nproc_per_node=4 -m fxgrow.cli scale --batch-size 256 ... --run-dir runs/ddp
+                                       # DDP; --batch-size is the global batch
 
+Models are
 Models are timm names (built with pretrained=False; keyword arguments as JSON with
 --model-kwargs) or fxgrow's own builders (fxgrow.models). --data is "digits" (scikit-learn's
 digits, embedded) or an ImageFolder root with train/ and val/ sub-directories.
-Exit codes: 0 success, 1 verification failed, 2 bad input (nothing written).
+Exit codes: 0 success, 1 verification failed, 2 bad input (nothing written), 3 another
+rank failed or a collective timed out (distributed runs).
 """
 
 
@@ -94,6 +98,11 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue the run in RUN_DIR (all other options come from it)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    d = p.add_argument_group("distributed (under torchrun; see docs/distributed.md)")
+    d.add_argument("--backend", choices=("gloo", "nccl"), default=None,
+                   help="process-group backend (default: nccl with CUDA, else gloo)")
+    d.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS",
+                   help="how long a rank waits for the others before failing (default 600)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -237,7 +246,7 @@ def _schedule(args: argparse.Namespace):
     )
 
 
-_RUN_ONLY = ("resume", "quiet", "run_dir", "command")
+_RUN_ONLY = ("resume", "quiet", "run_dir", "command", "backend", "dist_timeout")
 
 
 def _recorded_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -278,6 +287,7 @@ def _setup(args: argparse.Namespace, reduced: bool):
 
 
 def cmd_scale(args: argparse.Namespace) -> int:
+    from . import distributed
     from .runlog import RunDir
     from .train import fit
 
@@ -288,18 +298,21 @@ def cmd_scale(args: argparse.Namespace) -> int:
         raise ScheduleError("give --run-dir (a new directory) or --resume RUN_DIR")
     else:
         run_dir = Path(args.run_dir)
-        RunDir(run_dir)  # refuse an existing directory before any work
+        # Refuse an existing directory before any work (rank 0 decides for all ranks).
+        distributed.on_main(lambda: RunDir(run_dir), "checking the run directory")
     cli = _recorded_args(args)
     schedule = _schedule(args)
     bundle, model, config = _setup(args, reduced=args.reduce)
     result = fit(model, bundle, config, str(run_dir), schedule=schedule,
                  run_config={"cli": cli}, resume=bool(args.resume), quiet=args.quiet)
-    print(result.summary)
-    print(f"run directory: {run_dir}")
+    if distributed.is_main():
+        print(result.summary)
+        print(f"run directory: {run_dir}")
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from . import distributed
     from .runlog import RunDir
     from .train import fit
 
@@ -313,7 +326,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise ScheduleError("give --run-dir (a new directory) or --resume RUN_DIR")
     else:
         run_dir = Path(args.run_dir)
-        RunDir(run_dir)
+        distributed.on_main(lambda: RunDir(run_dir), "checking the run directory")
     cli = _recorded_args(args)
     _schedule(args)  # validate before training anything
     rows = []
@@ -323,9 +336,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
         sub = run_dir / label
         resume = bool(args.resume) and (sub / "config.json").is_file()
         if not args.resume and label == "full":
-            run_dir.mkdir(parents=True)
-            (run_dir / "compare.json").write_text(json.dumps(cli, indent=1, sort_keys=True))
-        if not args.quiet:
+            def start() -> None:
+                run_dir.mkdir(parents=True)
+                (run_dir / "compare.json").write_text(json.dumps(cli, indent=1, sort_keys=True))
+
+            distributed.on_main(start, "creating the run directory")
+        if not args.quiet and distributed.is_main():
             print(f"== {label}: {'reduce-then-grow' if grow_model else 'full width'}",
                   file=sys.stderr)
         result = fit(model, bundle, config, str(sub), schedule=schedule,
@@ -338,9 +354,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
                      "top1": last["top1"], "top5": last["top5"],
                      "rounds": sum(1 for r in result.growth if r.get("grown"))})
     table = compare_table(rows)
-    (run_dir / "compare.md").write_text(table + "\n")
-    print(table)
-    print(f"run directory: {run_dir}")
+    if distributed.is_main():
+        (run_dir / "compare.md").write_text(table + "\n")
+        print(table)
+        print(f"run directory: {run_dir}")
     return 0
 
 
@@ -473,6 +490,33 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fxgrow`` console script."""
     args = build_parser().parse_args(argv)
+    if args.command not in ("scale", "compare"):
+        return _run(args)
+    import torch.distributed
+
+    from . import distributed
+
+    joined = False
+    try:
+        timeout = args.dist_timeout if args.dist_timeout is not None \
+            else distributed.DEFAULT_TIMEOUT
+        joined = distributed.init_from_env(args.backend, timeout)
+        return _run(args)
+    except (RuntimeError, torch.distributed.DistError) as exc:
+        if not distributed.is_distributed():
+            raise
+        # A collective inside DDP's backward or optimizer step: a peer died or timed out.
+        rank, world = distributed.rank_world()
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"fxgrow: error: rank {rank}/{world}: distributed training failed: another rank "
+              f"failed, exited or did not answer within the timeout ({first})", file=sys.stderr)
+        return 3
+    finally:
+        if joined:
+            distributed.shutdown()
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return COMMANDS[args.command](args)
     except EquivalenceError as exc:
@@ -480,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except FxgrowError as exc:
         print(f"fxgrow: error: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_code", 2)
 
 
 if __name__ == "__main__":

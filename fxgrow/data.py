@@ -138,23 +138,37 @@ def load(name: str, img_size: int, *, seed: int = 0) -> DataBundle:
 class EpochSampler(Sampler[int]):
     """Indices of one epoch, a function of ``(seed, epoch)`` only. Call :meth:`set_epoch`
     before iterating. With ``num_replicas > 1`` each rank takes every ``num_replicas``-th
-    index of the same permutation (padded by wrapping, as DistributedSampler does)."""
+    index of the same permutation. ``tail`` says what happens when the size is not a multiple
+    of ``num_replicas``: ``"pad"`` wraps around (as DistributedSampler does), ``"drop"``
+    drops the last ``size % num_replicas`` indices (DistributedSampler's ``drop_last``: with
+    a DataLoader of per-rank batch ``b`` and ``drop_last``, step ``k`` of the ranks together
+    sees exactly batch ``k`` of a single process with batch ``num_replicas * b``), and
+    ``"uneven"`` gives the first ranks one index more (evaluation, where sums are reduced)."""
 
     def __init__(
-        self, size: int, seed: int, *, shuffle: bool = True, num_replicas: int = 1, rank: int = 0
+        self, size: int, seed: int, *, shuffle: bool = True, num_replicas: int = 1, rank: int = 0,
+        tail: str = "pad",
     ) -> None:
         if size <= 0:
             raise DataError("cannot sample from an empty dataset")
         if not 0 <= rank < num_replicas:
             raise DataError(f"rank {rank} is not in [0, {num_replicas})")
+        if tail not in ("pad", "drop", "uneven"):
+            raise DataError(f"tail must be 'pad', 'drop' or 'uneven', got {tail!r}")
+        if tail == "drop" and size < num_replicas:
+            raise DataError(f"{size} samples cannot be split over {num_replicas} ranks")
         self.size, self.seed, self.shuffle = size, seed, shuffle
-        self.num_replicas, self.rank = num_replicas, rank
+        self.num_replicas, self.rank, self.tail = num_replicas, rank, tail
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
+        if self.tail == "drop":
+            return self.size // self.num_replicas
+        if self.tail == "uneven":
+            return len(range(self.rank, self.size, self.num_replicas))
         return -(-self.size // self.num_replicas)
 
     def __iter__(self) -> Iterator[int]:
@@ -163,20 +177,26 @@ class EpochSampler(Sampler[int]):
             order = torch.randperm(self.size, generator=generator).tolist()
         else:
             order = list(range(self.size))
-        total = len(self) * self.num_replicas
-        order += order[: total - len(order)]
+        if self.tail == "pad":
+            total = len(self) * self.num_replicas
+            order += order[: total - len(order)]
+        elif self.tail == "drop":
+            order = order[: len(self) * self.num_replicas]
         return iter(order[self.rank :: self.num_replicas])
 
 
 def loader(
     dataset: Dataset, batch_size: int, *, seed: int = 0, shuffle: bool = True,
-    drop_last: bool = False, num_workers: int = 0,
+    drop_last: bool = False, num_workers: int = 0, num_replicas: int = 1, rank: int = 0,
+    tail: str = "pad",
 ) -> DataLoader:
     """A DataLoader over an :class:`EpochSampler`; ``loader.sampler.set_epoch(e)`` selects
-    the order of epoch ``e``."""
+    the order of epoch ``e``. ``num_replicas``, ``rank`` and ``tail`` shard it across
+    processes (see :class:`EpochSampler`); ``batch_size`` is then the per-rank batch."""
     if batch_size <= 0:
         raise DataError(f"batch_size must be positive, got {batch_size}")
-    sampler = EpochSampler(len(dataset), seed, shuffle=shuffle)
+    sampler = EpochSampler(len(dataset), seed, shuffle=shuffle, num_replicas=num_replicas,
+                           rank=rank, tail=tail)
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
         num_workers=num_workers,

@@ -192,7 +192,7 @@ def lanczos_smallest(
 
     generator = torch.Generator(device="cpu").manual_seed(seed)
     start = torch.randn(count, dim, generator=generator, dtype=torch.float64).to(device)
-    basis = torch.zeros(count, steps + 1, dim, **f64)
+    basis = torch.empty(count, steps + 1, dim, **f64)  # slot k is written before it is read
     basis[:, 0] = start / start.norm(dim=1, keepdim=True)
     alphas = torch.zeros(count, steps, **f64)
     betas = torch.zeros(count, steps, **f64)
@@ -246,6 +246,9 @@ def lanczos_smallest(
         # to be worth the copy of the whole basis that dropping them costs.
         basis[:, k + 1] = torch.where(live[:, None], w / beta.clamp_min(1e-300)[:, None], 0.0)
         if int(live.sum()) <= 0.85 * live.numel():
-            rows, basis, alphas, betas = rows[live], basis[live], alphas[live], betas[live]
+            # Copy only the k + 2 slots in use, not the whole (J, steps + 1, D) buffer.
+            kept = torch.empty(int(live.sum()), steps + 1, dim, **f64)
+            kept[:, : k + 2] = basis[live, : k + 2]
+            rows, basis, alphas, betas = rows[live], kept, alphas[live], betas[live]
             norm_est, live = norm_est[live], live[live]
     return EigenResult(values, vectors, residuals, converged, done_at)

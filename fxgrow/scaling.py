@@ -28,8 +28,12 @@ new parameters to the optimizer (:func:`fxgrow.optim.add_grown_params`). Existin
 and their optimizer state are untouched, so the next step moves them exactly as it would
 have without growth (unless global gradient-norm clipping sees the new gradients).
 
-The scaler holds no random state of its own and does the same on every process, so a
-distributed loop can call it on each rank with the same analysis data.
+The scaler holds no random state of its own and does the same on every process. Under
+torch.distributed (docs/distributed.md) each rank passes its own shard of the analysis data:
+the scaler all-gathers the batches (:func:`fxgrow.distributed.gather_batches`), so every rank
+analyses the global batch and selects the plan a single process would, and checks that all
+ranks hold the same plan before growing. Rewrap the grown model with
+:func:`fxgrow.distributed.wrap` (passing the old wrapper).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from . import distributed
 from .errors import EquivalenceError, ScheduleError
 from .optim import add_grown_params
 
@@ -197,6 +202,9 @@ class Scaler:
         flop_inputs: an input for FLOP counts in the growth records (``None``: not counted).
         progress: show the analysis progress bar.
         seed: the analysis seed (reservoir sampling).
+        gather_analysis: under torch.distributed, all-gather the analysis batches across
+            ranks (each rank gives its shard; default). ``False`` when every rank already
+            passes the same global batches.
     """
 
     def __init__(
@@ -211,6 +219,7 @@ class Scaler:
         flop_inputs: torch.Tensor | None = None,
         progress: bool = False,
         seed: int = 0,
+        gather_analysis: bool = True,
     ) -> None:
         if not isinstance(schedule, ScalingSchedule):
             raise ScheduleError(f"schedule must be a ScalingSchedule, got {type(schedule).__name__}")
@@ -223,6 +232,7 @@ class Scaler:
         self.flop_inputs = flop_inputs
         self.progress = progress
         self.seed = seed
+        self.gather_analysis = gather_analysis
         self.records: list[dict[str, Any]] = []
         self.last_report: Any = None
         self._done: list[int] = []
@@ -250,6 +260,8 @@ class Scaler:
         batches = list(itertools.islice(iter(self.analysis_data), self.schedule.analysis_batches))
         if not batches:
             raise ScheduleError("the scaler's analysis data yielded no batch")
+        if self.gather_analysis:
+            batches = distributed.gather_batches(batches)
         return batches
 
     def grow_round(self, epoch: int) -> dict[str, Any]:
@@ -285,6 +297,7 @@ class Scaler:
         fused_params = unit == "params" and schedule.mode == "fused"
         plan = select(report, budget=budget * 2 if fused_params else budget,
                       layer_threshold=schedule.layer_threshold, budget_unit=unit)
+        distributed.check_same(plan.to_json(), f"growth plan after epoch {epoch}")
         record["plan"] = plan.to_dict()
         record["plan_size"] = {t: len(idx) for t, idx in plan.items()}
         if plan.num_neurons == 0:

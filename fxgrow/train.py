@@ -12,6 +12,12 @@ exactly as the ungrown model's would have.
 Determinism: batch order is a function of (seed, epoch) (:class:`fxgrow.data.EpochSampler`)
 and the RNG states are checkpointed, so a run resumed from its run directory ends with the
 same weights and metrics, bit for bit on the CPU, as an uninterrupted one (``time`` excepted).
+
+Under torchrun (:mod:`fxgrow.distributed`, docs/distributed.md) ``batch_size`` stays the
+GLOBAL batch: each of the N ranks trains on ``batch_size / N`` samples of it through DDP, so
+step k sees the same samples as step k of a single process, the learning-rate schedule is
+the same, and a run directory can be resumed with any number of processes. Validation is
+sharded and its sums reduced; rank 0 writes checkpoints and logs.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import checkpoint, data as data_mod
+from . import checkpoint, data as data_mod, distributed
 from .errors import ScheduleError
 from .recipes import recipe
 from .runlog import RunDir, summary_table
@@ -92,13 +98,15 @@ def make_scheduler(
 
 
 @torch.no_grad()
-def evaluate(model: fx.GraphModule, loader: Any) -> dict[str, float]:
-    """Mean cross-entropy, top-1 and top-5 accuracy (%) over ``loader``."""
+def evaluate(model: fx.GraphModule, loader: Any, *, reduce: bool = False) -> dict[str, float]:
+    """Mean cross-entropy, top-1 and top-5 accuracy (%) over ``loader``; with ``reduce``,
+    over the union of every rank's ``loader`` (sums all-reduced across ranks)."""
     was_training = model.training
     model.eval()
     loss_sum, top1, top5, count = 0.0, 0, 0, 0
     try:
         for inputs, labels in loader:
+            inputs, labels = _to(inputs, labels, _model_device(model))
             logits = model(inputs)
             loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
             best = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
@@ -108,6 +116,9 @@ def evaluate(model: fx.GraphModule, loader: Any) -> dict[str, float]:
             count += len(labels)
     finally:
         model.train(was_training)
+    if reduce:
+        loss_sum, top1, top5, count = distributed.all_reduce_sum(
+            [loss_sum, top1, top5, count], "reducing the validation metrics")
     return {"val_loss": loss_sum / count, "top1": 100.0 * top1 / count,
             "top5": 100.0 * top5 / count}
 
@@ -167,7 +178,16 @@ def fit(
     """
     from .verify import count_params
 
-    run = RunDir(run_dir, resume=resume)
+    rank, world = distributed.rank_world()
+    main = rank == 0
+    if config.batch_size % world:
+        raise ScheduleError(
+            f"the global batch_size {config.batch_size} is not divisible by the {world} ranks"
+        )
+    if resume:
+        run = RunDir(run_dir, resume=True)  # read-only on every rank
+    else:
+        run = distributed.on_main(lambda: RunDir(run_dir), "checking the run directory")
     full_config = {
         "train": dataclasses.asdict(config),
         "schedule": schedule.to_dict() if schedule is not None else None,
@@ -179,21 +199,25 @@ def fit(
     }
     full_config = _json_roundtrip(full_config)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    train_loader = data_mod.loader(bundle.train, config.batch_size, seed=config.seed,
-                                   drop_last=True)
-    if len(train_loader) == 0:
+    if config.batch_size > len(bundle.train):
         raise ScheduleError(
             f"batch_size {config.batch_size} exceeds the {len(bundle.train)} training images"
         )
-    val_loader = data_mod.loader(bundle.val, config.eval_batch_size, shuffle=False)
+    # tail="drop" + drop_last: step k of the ranks together is step k of one process.
+    train_loader = data_mod.loader(bundle.train, config.batch_size // world, seed=config.seed,
+                                   drop_last=True, num_replicas=world, rank=rank,
+                                   tail="drop" if world > 1 else "pad")
+    val_loader = data_mod.loader(bundle.val, config.eval_batch_size, shuffle=False,
+                                 num_replicas=world, rank=rank, tail="uneven")
+    device = distributed.device()  # this rank's GPU under NCCL, else the CPU
     analysis: list[Any] = []
     if schedule is not None:
         fixed = data_mod.loader(bundle.train, config.batch_size, shuffle=False)
         for batch in fixed:
-            analysis.append(batch)
+            analysis.append(_to(*batch, device))
             if len(analysis) == schedule.analysis_batches:
                 break
-    sample = bundle.val[0][0].unsqueeze(0)
+    sample = bundle.val[0][0].unsqueeze(0).to(device)
     flops = _FlopCache(sample)
 
     if resume:
@@ -203,8 +227,10 @@ def fit(
                 f"{run_dir} was started with another configuration:\n  " + "\n  ".join(diff)
             )
         ckpt = checkpoint.load(run_dir, full_config)
+        # load() removes stale temporary directories: no rank may write before all loaded.
+        distributed.barrier("loading the checkpoint")
         model = ckpt.model
-        model.train()
+        model.to(device).train()
         optimizer = make_optimizer(model, config)
         # A new scheduler sets each group's lr to its step-0 value: restore the optimizer
         # (groups' lr included) after creating it, or the first resumed step uses that lr.
@@ -216,28 +242,38 @@ def fit(
         start = ckpt.epoch + 1
     else:
         seed_everything(config.seed)
-        run.create(full_config)
-        model.train()
+        distributed.on_main(lambda: run.create(full_config), "creating the run directory")
+        model.to(device).train()
         optimizer = make_optimizer(model, config)
         scheduler = make_scheduler(optimizer, config, len(train_loader))
         metrics, start, ckpt = [], 0, None
     scaler = None
     if schedule is not None:
+        # Every rank holds the whole dataset, so it builds the global analysis batches
+        # itself: the same report and plan as one process, with nothing to gather.
         scaler = Scaler(model, optimizer, schedule, analysis, criterion,
-                        flop_inputs=sample, progress=not quiet, seed=config.seed)
+                        flop_inputs=sample, progress=not quiet and main, seed=config.seed,
+                        gather_analysis=False)
         if ckpt is not None:
             scaler.load_state_dict(ckpt.state["scaler"])
 
-    def save(epoch: int, stage: str) -> None:
+    def write(epoch: int, stage: str) -> None:
         checkpoint.save(run_dir, model=model, optimizer=optimizer, scheduler=scheduler,
                         scaler=scaler, epoch=epoch, stage=stage, metrics=metrics,
                         config=full_config)
         run.write_metrics(metrics)
         run.write_growth(scaler.records if scaler is not None else [])
 
+    def save(epoch: int, stage: str) -> None:
+        # Ranks hold identical weights, optimizer and RNG states: rank 0 writes, the others
+        # wait for it (and fail with its error if it fails).
+        distributed.on_main(lambda: write(epoch, stage), f"writing the {stage} checkpoint")
+
+    net = distributed.wrap(model)
+
     def grow_after(epoch: int) -> bool:
         """Run the round due after ``epoch`` (if any, and not run yet); checkpoint it."""
-        nonlocal model
+        nonlocal model, net
         if scaler is None:
             return False
         rounds = len(scaler.records)
@@ -246,7 +282,10 @@ def fit(
             return False
         record = scaler.records[-1]
         if record.get("grown"):
-            run.plot_round(scaler.last_report, record["round"])
+            # New parameters: a new DDP wrapper (and gradient buckets) around the grown model.
+            net = distributed.wrap(model, previous=net)
+            if main:
+                run.plot_round(scaler.last_report, record["round"])
         save(epoch, "grown")
         return True
 
@@ -255,12 +294,13 @@ def fit(
     for epoch in range(start, config.epochs):
         started = time.perf_counter()
         train_loader.sampler.set_epoch(epoch)
-        model.train()
+        net.train()
         loss_sum, steps = 0.0, 0
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=quiet,
-                   leave=False)
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}",
+                   disable=quiet or not main, leave=False)
         for inputs, labels in bar:
-            loss = criterion(model(inputs), labels)
+            inputs, labels = _to(inputs, labels, device)
+            loss = criterion(net(inputs), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.clip_grad is not None:
@@ -270,7 +310,10 @@ def fit(
             loss_sum += loss.item()
             steps += 1
             checkpoint.fault_point("step")
-        record = {"epoch": epoch, "train_loss": loss_sum / steps, **evaluate(model, val_loader),
+        # Equal per-rank batches: the mean over ranks of their mean losses is the global one.
+        loss_sum = distributed.all_reduce_sum([loss_sum], "reducing the training loss")[0]
+        record = {"epoch": epoch, "train_loss": loss_sum / world / steps,
+                  **evaluate(model, val_loader, reduce=world > 1),
                   "params": count_params(model), "flops": flops(model),
                   "lr": optimizer.param_groups[0]["lr"], "time": time.perf_counter() - started}
         metrics.append(record)
@@ -279,9 +322,19 @@ def fit(
         if grow_after(epoch):
             checkpoint.fault_point("after_growth")
     records = scaler.records if scaler is not None else []
-    run.plot_metrics(metrics, [r["epoch"] for r in records if r.get("grown")])
+    if main:
+        run.plot_metrics(metrics, [r["epoch"] for r in records if r.get("grown")])
     summary = summary_table(metrics, records)
     return RunResult(model, metrics, records, summary)
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    first = next(iter(model.parameters()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def _to(inputs: torch.Tensor, labels: torch.Tensor, device: torch.device) -> tuple:
+    return inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
 
 def _json_roundtrip(value: Any) -> Any:
