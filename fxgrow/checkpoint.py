@@ -154,8 +154,11 @@ def save(
     metrics: list[dict[str, Any]],
     config: dict[str, Any],
     keep: int = 2,
+    rng_ranks: list[dict[str, Any]] | None = None,
 ) -> Path:
-    """Write a checkpoint atomically and make it the latest; keep the newest ``keep``."""
+    """Write a checkpoint atomically and make it the latest; keep the newest ``keep``.
+    ``rng_ranks``: every rank's :func:`capture_rng` in a distributed run (rank 0's is also
+    saved as ``rng``, which a single process restores)."""
     from .io import save as save_model
     from .optim import group_param_names
 
@@ -181,6 +184,8 @@ def save(
         "rng": capture_rng(),
         "metrics": metrics,
     }
+    if rng_ranks is not None:
+        state["rng_ranks"] = rng_ranks
     torch.save(state, tmp / "state.pt")
     meta = {"format": FORMAT_VERSION, "epoch": epoch, "stage": stage, "config": config}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))

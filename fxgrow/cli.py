@@ -496,11 +496,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from . import distributed
 
-    joined = False
+    timeout = args.dist_timeout if args.dist_timeout is not None else distributed.DEFAULT_TIMEOUT
     try:
-        timeout = args.dist_timeout if args.dist_timeout is not None \
-            else distributed.DEFAULT_TIMEOUT
         joined = distributed.init_from_env(args.backend, timeout)
+    except FxgrowError as exc:
+        print(f"fxgrow: error: {exc}", file=sys.stderr)
+        return 2
+    try:
         return _run(args)
     except (RuntimeError, torch.distributed.DistError) as exc:
         if not distributed.is_distributed():

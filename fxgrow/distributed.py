@@ -84,6 +84,8 @@ def init_from_env(backend: str | None = None, timeout: float = DEFAULT_TIMEOUT) 
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
+        if not torch.cuda.is_available():
+            raise FxgrowError("the nccl backend needs CUDA GPUs; use --backend gloo on the CPU")
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend, init_method="env://",
                             timeout=timedelta(seconds=timeout))

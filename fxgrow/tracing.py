@@ -6,7 +6,6 @@ import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-import torch
 import torch.fx as fx
 from torch import nn
 
@@ -34,11 +33,7 @@ class _Tracer(fx.Tracer):
     failure can name the module being traced."""
 
     def __init__(self, leaf_types: Iterable[type[nn.Module]], autowrap: Iterable[Callable]):
-        autowrap = tuple(autowrap)
-        super().__init__(
-            autowrap_functions=tuple(f for f in autowrap if callable(f)),
-            autowrap_modules=(__import__("math"),),
-        )
+        super().__init__(autowrap_functions=tuple(f for f in autowrap if callable(f)))
         self._leaf_types = tuple(leaf_types)
         self._module_paths: list[str] = []
         self.failed_in: str | None = None  # the innermost module whose trace raised

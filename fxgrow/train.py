@@ -237,11 +237,17 @@ def fit(
         scheduler = make_scheduler(optimizer, config, len(train_loader))
         ckpt.restore_optimizer(optimizer)
         scheduler.load_state_dict(ckpt.state["scheduler"])
-        checkpoint.restore_rng(ckpt.state["rng"])
+        ranks_rng = ckpt.state.get("rng_ranks")
+        if ranks_rng is not None and len(ranks_rng) == world:
+            checkpoint.restore_rng(ranks_rng[rank])
+        elif main:
+            checkpoint.restore_rng(ckpt.state["rng"])
+        else:  # saved with another number of ranks: a fresh stream of its own
+            seed_everything(config.seed + rank + 1_000_003 * (ckpt.epoch + 1))
         metrics = list(ckpt.state["metrics"])
         start = ckpt.epoch + 1
     else:
-        seed_everything(config.seed)
+        seed_everything(config.seed + rank)  # distinct dropout/augmentation draws per rank
         distributed.on_main(lambda: run.create(full_config), "creating the run directory")
         model.to(device).train()
         optimizer = make_optimizer(model, config)
@@ -257,17 +263,22 @@ def fit(
         if ckpt is not None:
             scaler.load_state_dict(ckpt.state["scaler"])
 
-    def write(epoch: int, stage: str) -> None:
+    def write(epoch: int, stage: str, rng_ranks: list[Any] | None) -> None:
         checkpoint.save(run_dir, model=model, optimizer=optimizer, scheduler=scheduler,
                         scaler=scaler, epoch=epoch, stage=stage, metrics=metrics,
-                        config=full_config)
+                        config=full_config, rng_ranks=rng_ranks)
         run.write_metrics(metrics)
         run.write_growth(scaler.records if scaler is not None else [])
 
     def save(epoch: int, stage: str) -> None:
-        # Ranks hold identical weights, optimizer and RNG states: rank 0 writes, the others
-        # wait for it (and fail with its error if it fails).
-        distributed.on_main(lambda: write(epoch, stage), f"writing the {stage} checkpoint")
+        # Ranks hold identical weights and optimizer states: rank 0 writes, the others wait
+        # for it (and fail with its error if it fails).
+        rng_ranks = None
+        if world > 1:  # each rank's own random stream, so that a resume continues all of them
+            rng_ranks = distributed.all_gather_object(checkpoint.capture_rng(),
+                                                      "gathering the RNG states")
+        distributed.on_main(lambda: write(epoch, stage, rng_ranks),
+                            f"writing the {stage} checkpoint")
 
     net = distributed.wrap(model)
 

@@ -18,15 +18,6 @@ SCHEDULE = ["--epochs", "3", "--warmup", "1", "--interval", "1", "--end-epoch", 
             "--budget", "4", "--layer-threshold", "1", "--analysis-batches", "1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: with other processes on the 2 cores a second thread mostly waits.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _run(*args):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("FXGROW_FAULT", None)

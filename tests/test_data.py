@@ -11,16 +11,6 @@ from fxgrow import data
 from fxgrow.errors import DataError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These tests run many tiny ops: with other processes on the 2 cores, a second thread
-    # mostly waits for its partner (10-70x slower under load); results do not depend on it.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def bundle():
     return data.digits(img_size=16, seed=3)

@@ -1,18 +1,6 @@
-import pytest
 import torch
 
 from fxgrow.eigen import exact_smallest, lanczos_smallest, splitting_matvec
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Many small GEMMs and eigensolver steps: on a machine shared by several test processes
-    # a second intra-op thread makes them many times slower (OpenMP threads wait on each
-    # other), so these tests run on one and give the setting back afterwards.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _problem(tokens, dim, count, seed=0):

@@ -11,15 +11,6 @@ from fxgrow.passes import grow
 from fxgrow.verify import EquivalenceReport, assert_equivalent, check_equivalence
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models on a shared 2-core machine: a second OpenMP thread mostly waits.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class _MLP(nn.Module):
     def __init__(self, p: float = 0.0):
         super().__init__()

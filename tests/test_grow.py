@@ -22,16 +22,6 @@ HIDDEN = int(DIM * MLP_RATIO)
 TOKENS = (IMG // PATCH) ** 2 + 1  # patches + class token
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models on a 2-core machine shared by several test processes: a second OpenMP
-    # thread mostly waits for a core (measured: 5 s instead of 0.07 s for one check).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _vit(**overrides) -> nn.Module:
     kwargs = dict(pretrained=False, num_classes=CLASSES, img_size=IMG, patch_size=PATCH,
                   depth=DEPTH, embed_dim=DIM, num_heads=HEADS, mlp_ratio=MLP_RATIO)

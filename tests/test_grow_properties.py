@@ -3,7 +3,6 @@
 its base, and adds exactly the closed-form number of parameters. Save/load round trips of
 grown graphs are property-tested in tests/test_io_properties.py."""
 
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -16,15 +15,6 @@ from fxgrow.passes import grow, grow_lineage
 from fxgrow.verify import check_equivalence
 
 SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models on a shared 2-core machine: a second OpenMP thread mostly waits.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class _Block(nn.Module):

@@ -11,15 +11,6 @@ import fxgrow
 from fxgrow.passes import grow
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models on a shared 2-core machine: a second OpenMP thread mostly waits.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _model(drop: float = 0.0, attn_drop: float | None = None) -> torch.nn.Module:
     return timm.create_model(
         "vit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=16, patch_size=8,

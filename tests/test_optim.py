@@ -14,15 +14,6 @@ from fxgrow.optim import add_grown_params, group_param_names, set_group_params
 from fxgrow.passes import grow
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These tests run many tiny ops: with other processes on the 2 cores, a second thread
-    # mostly waits for its partner (10-70x slower under load); results do not depend on it.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 TARGETS = {
     "blocks.0.mlp.fc1": [1, 5, 9],
     "blocks.1.attn.qkv": [0, 7, 40],

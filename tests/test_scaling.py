@@ -11,15 +11,6 @@ from fxgrow.scaling import Scaler, ScalingSchedule
 from fxgrow.verify import count_params
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These tests run many tiny ops: with other processes on the 2 cores, a second thread
-    # mostly waits for its partner (10-70x slower under load); results do not depend on it.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 KWARGS = {"num_classes": 4, "img_size": 8, "embed_dim": 16, "depth": 2, "num_heads": 2}
 
 

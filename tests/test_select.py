@@ -5,17 +5,6 @@ import fxgrow
 from fxgrow.errors import AnalysisError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Many small GEMMs and eigensolver steps: on a machine shared by several test processes
-    # a second intra-op thread makes them many times slower (OpenMP threads wait on each
-    # other), so these tests run on one and give the setting back afterwards.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _report(values: dict[str, list[float]], fan_in=None, bias=None) -> fxgrow.SplittingReport:
     targets = list(values)
     return fxgrow.SplittingReport(

@@ -456,7 +456,7 @@ def analyze(
     eigenvectors: bool = False,
     progress: bool = True,
     seed: int = 0,
-    tol: float = 1e-4,
+    tol: float = 1e-2,
     max_iter: int = 100,
 ) -> SplittingReport:
     """Smallest eigenvalue of every neuron's splitting matrix, for each target linear.
@@ -475,6 +475,11 @@ def analyze(
     batched Lanczos (:func:`fxgrow.eigen.lanczos_smallest`, tolerance ``tol`` on the
     relative residual, at most ``max_iter`` steps) on the implicit product. ``device``: where
     statistics and eigensolvers live (default: the device of the model's parameters).
+
+    The default ``tol`` of 1e-2 on the residual is enough for ranking: the eigenvalue error
+    is about residual^2 / gap (measured on DeiT-S block 0 at batch 16: median relative
+    error 8e-5 against a 1e-7 solve, identical plans) at under half the Lanczos steps of
+    1e-4.
 
     Size the reservoir to hold every token when the ranking matters: S_j is a small mean of
     large terms of both signs, so a subsample estimates it poorly (measured on DeiT-S at
