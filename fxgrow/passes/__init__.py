@@ -6,5 +6,19 @@ from .replay import register_replay, registered_passes, replay_history
 from .reduce import ReduceSpec, reduce, replay_reduce
 from .width_groups import WidthGroup, width_groups
 
-__all__: list[str] = ["analyze", "default_targets", "splitting_matrices", "SplittingReport", "grow", "grow_lineage", "register_replay", "registered_passes", "replay_history",
-                     "ReduceSpec", "reduce", "replay_reduce", "WidthGroup", "width_groups"]
+__all__ = [
+    "analyze",
+    "default_targets",
+    "grow",
+    "grow_lineage",
+    "reduce",
+    "ReduceSpec",
+    "register_replay",
+    "registered_passes",
+    "replay_history",
+    "replay_reduce",
+    "splitting_matrices",
+    "SplittingReport",
+    "width_groups",
+    "WidthGroup",
+]
