@@ -286,20 +286,27 @@ def _setup(args: argparse.Namespace, reduced: bool):
 # ------------------------------------------------------------------------------- commands
 
 
-def cmd_scale(args: argparse.Namespace) -> int:
+def _new_run_dir(args: argparse.Namespace) -> Path:
     from . import distributed
     from .runlog import RunDir
+
+    if args.run_dir is None:
+        raise ScheduleError("give --run-dir (a new directory) or --resume RUN_DIR")
+    run_dir = Path(args.run_dir)
+    # Refuse an existing directory before any work (rank 0 decides for all ranks).
+    distributed.on_main(lambda: RunDir(run_dir), "checking the run directory")
+    return run_dir
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    from . import distributed
     from .train import fit
 
     if args.resume:
         run_dir = Path(args.resume)
         args = _resumed_args(args, run_dir)
-    elif args.run_dir is None:
-        raise ScheduleError("give --run-dir (a new directory) or --resume RUN_DIR")
     else:
-        run_dir = Path(args.run_dir)
-        # Refuse an existing directory before any work (rank 0 decides for all ranks).
-        distributed.on_main(lambda: RunDir(run_dir), "checking the run directory")
+        run_dir = _new_run_dir(args)
     cli = _recorded_args(args)
     schedule = _schedule(args)
     bundle, model, config = _setup(args, reduced=args.reduce)
@@ -313,7 +320,6 @@ def cmd_scale(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from . import distributed
-    from .runlog import RunDir
     from .train import fit
 
     if args.resume:
@@ -322,11 +328,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
             raise FxgrowError(f"{run_dir} is not a compare run directory (no compare.json)")
         saved = json.loads((run_dir / "compare.json").read_text())
         args = argparse.Namespace(**saved, **{k: getattr(args, k, None) for k in _RUN_ONLY})
-    elif args.run_dir is None:
-        raise ScheduleError("give --run-dir (a new directory) or --resume RUN_DIR")
     else:
-        run_dir = Path(args.run_dir)
-        distributed.on_main(lambda: RunDir(run_dir), "checking the run directory")
+        run_dir = _new_run_dir(args)
     cli = _recorded_args(args)
     _schedule(args)  # validate before training anything
     rows = []
