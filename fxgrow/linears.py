@@ -39,6 +39,12 @@ class LinearSite:
     def out_features(self) -> int:
         return self.weight.shape[0]
 
+    def has_bias(self, gm: fx.GraphModule) -> bool:
+        """Whether the linear adds a bias, without evaluating a computed one."""
+        if self.kind == "module":
+            return gm.get_submodule(self.target).bias is not None
+        return self.bias_node is not None
+
     def bias(self, gm: fx.GraphModule) -> torch.Tensor | None:
         """The bias as a tensor, evaluating a computed bias (``cat(q_bias, k_bias, v_bias)``)."""
         if self.kind == "module":

@@ -179,8 +179,7 @@ class GrowthPlan(Mapping[str, tuple[int, ...]]):
         total = 0
         for target, indices in self._neurons.items():
             site = sites[target][0]
-            has_bias = site.bias(gm) is not None
-            total += per_neuron * len(indices) * (site.in_features + int(has_bias))
+            total += per_neuron * len(indices) * (site.in_features + int(site.has_bias(gm)))
         return total
 
     # Validation ------------------------------------------------------------------------

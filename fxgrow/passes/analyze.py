@@ -504,7 +504,7 @@ def analyze(
     chosen = _resolve_targets(gm, targets, form)
     device = torch.device(device) if device is not None else _model_device(gm)
 
-    dims = {t: ss[0].in_features + int(_has_bias(gm, ss[0])) for t, ss in chosen.items()}
+    dims = {t: ss[0].in_features + int(ss[0].has_bias(gm)) for t, ss in chosen.items()}
     outs = {t: ss[0].out_features for t, ss in chosen.items()}
     accumulators: dict[str, _Exact | _Reservoir] = {}
     for i, t in enumerate(chosen):
@@ -544,7 +544,7 @@ def analyze(
     return SplittingReport(
         eigenvalues=values,
         fan_in={t: ss[0].in_features for t, ss in chosen.items()},
-        bias={t: _has_bias(gm, ss[0]) for t, ss in chosen.items()},
+        bias={t: ss[0].has_bias(gm) for t, ss in chosen.items()},
         tokens=tokens, reservoir=kept, nonconverged=unconverged, settings=settings,
         eigenvectors=vectors if eigenvectors else None,
     )
@@ -601,7 +601,7 @@ def splitting_matrices(
     chosen = _resolve_targets(gm, targets, form)
     device = torch.device(device) if device is not None else _model_device(gm)
     accumulators: dict[str, _Exact | _Reservoir] = {
-        t: _Exact(ss[0].in_features + int(_has_bias(gm, ss[0])), ss[0].out_features, device)
+        t: _Exact(ss[0].in_features + int(ss[0].has_bias(gm)), ss[0].out_features, device)
         for t, ss in chosen.items()
     }
     n_batches = _collect(gm, batches, loss_fn, chosen, form, accumulators, progress=False)
@@ -614,12 +614,6 @@ def splitting_matrices(
 def _model_device(gm: fx.GraphModule) -> torch.device:
     first = next(iter(gm.parameters()), None)
     return first.device if first is not None else torch.device("cpu")
-
-
-def _has_bias(gm: fx.GraphModule, site: LinearSite) -> bool:
-    if site.kind == "module":
-        return gm.get_submodule(site.target).bias is not None
-    return site.bias_node is not None
 
 
 def _accumulate(
