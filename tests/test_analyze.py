@@ -190,10 +190,21 @@ def test_fast_matches_exact_on_every_layer_of_a_reduced_vit(trained_vit):
     exact = analyze(gm, batches, F.cross_entropy, method="exact", progress=False)
     assert fast.targets == exact.targets == default_targets(gm)
     assert len(fast.targets) == 16 and "head" not in fast.targets
+    off = []
     for t in fast.targets:
         assert fast.reservoir[t] == fast.tokens[t] == 2 * 8 * 17  # all tokens fit
         rel = (fast.eigenvalues[t] - exact.eigenvalues[t]).abs() / exact.eigenvalues[t].abs()
         assert float(rel.median()) <= 1e-3, t
+        # Not only the typical neuron: a solver that stops on a Ritz value in the bulk
+        # reports ~0 for clearly negative eigenvalues, an error near 1 for a tenth of them.
+        # Eigenvalues below 1e-3 of the layer's largest are held to that absolute level, as
+        # lanczos_smallest documents. A near-degenerate pair (lambda_2 within a third of
+        # lambda_1) may converge to lambda_2: 6 of 5 x 1408 neurons over five seeds.
+        e = exact.eigenvalues[t]
+        floor = 1e-3 * e.abs().max()
+        err = (fast.eigenvalues[t] - e).abs() / torch.maximum(e.abs(), floor)
+        off.append(err > 3e-2)
+    assert float(torch.cat(off).float().mean()) <= 0.01
     plans = [fxgrow.select(r, budget=120, layer_threshold=10) for r in (fast, exact)]
     sets = [{(t, i) for t, idx in p.items() for i in idx} for p in plans]
     assert len(sets[1]) == 120
@@ -306,17 +317,31 @@ def test_reservoir_is_a_uniform_sample_of_the_stream():
     counts = np.zeros(100)
     runs = 1500
     for seed in range(runs):
-        r = _Reservoir(dim=1, count=1, size=10, device=torch.device("cpu"), seed=(seed, 0))
+        r = _Reservoir(count=1, size=10, device=torch.device("cpu"), seed=(seed, 0))
         for start in range(0, 100, 20):  # 5 batches of 20 tokens, ids as the data
             ids = torch.arange(start, start + 20, dtype=torch.float64)[:, None]
             r.add(ids, ids)
-        kept = r.x[:, 0].long().numpy()
+        kept = r.data(1)[0][:, 0].long().numpy()
         assert len(set(kept)) == 10 and r.tokens == 100
         counts[kept] += 1
     freq = counts / runs  # each token kept with probability 10/100
     sd = math.sqrt(0.1 * 0.9 / runs)
     assert np.abs(freq - 0.1).max() < 5 * sd
     assert abs(freq[:20].mean() - freq[80:].mean()) < 3 * sd  # no bias to early or late batches
+
+
+def test_reservoir_keeps_a_stream_that_fits_without_copying():
+    r = _Reservoir(count=3, size=50, device=torch.device("cpu"), seed=(0, 0))
+    x, h = torch.randn(20, 4), torch.randn(20, 3)
+    r.add(x, h)
+    kept_x, kept_h = r.data(4)
+    assert kept_x.data_ptr() == x.data_ptr() and kept_h.data_ptr() == h.data_ptr()
+    more_x, more_h = torch.randn(30, 4), torch.randn(30, 3)
+    r.add(more_x, more_h)  # exactly full: still every token, in stream order
+    assert torch.equal(r.data(4)[0], torch.cat([x, more_x]))
+    assert torch.equal(r.data(4)[1], torch.cat([h, more_h]))
+    r.add(torch.randn(5, 4), torch.randn(5, 3))  # now a sample of 50 out of 55
+    assert r.data(4)[0].shape == (50, 4) and r.tokens == 55 and r.filled == 50
 
 
 def test_summary_and_plot(tmp_path):

@@ -1,6 +1,6 @@
 import torch
 
-from fxgrow.eigen import exact_smallest, lanczos_smallest, splitting_matvec
+from fxgrow.eigen import exact_smallest, lanczos_smallest, splitting_matvec, splitting_start
 
 
 def _problem(tokens, dim, count, seed=0):
@@ -62,3 +62,71 @@ def test_float32_data_and_determinism():
     two = lanczos_smallest(splitting_matvec(x.float(), h.float(), 0.7), 20, 33, seed=3)
     assert torch.equal(one.values, two.values) and one.values.dtype == torch.float64
     assert float(((one.values - ref).abs() / ref.abs()).max()) < 1e-5
+
+
+def _spectrum_family(count, dim, seed=0):
+    """Matrices Q diag(lam) Q^T with a bulk near zero, a smallest eigenvalue that is small
+    against the norm, and one large positive outlier, as the splitting matrices of DeiT-S
+    have (lambda_min -0.15, lambda_max 3.3)."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(count, dim, dim, generator=g, dtype=torch.float64))
+    lam = 0.1 * torch.rand(count, dim, generator=g, dtype=torch.float64) - 0.05
+    lam[:, 0] = -0.15 - 0.05 * torch.rand(count, generator=g, dtype=torch.float64)
+    lam[:, 1] = 10.0
+    dense = torch.einsum("jab,jb,jcb->jac", q, lam, q)
+    return dense, lam[:, 0]
+
+
+def _dense_matvec(dense):
+    return lambda v, rows: torch.einsum("jab,jb->ja", dense[rows], v)
+
+
+def test_a_large_outlier_does_not_hide_the_smallest_eigenvalue():
+    # A residual small against ||S|| = 10 is reached by Ritz values in the bulk long before
+    # lambda_min emerges; the tolerance must scale with the eigenvalue itself.
+    dense, smallest = _spectrum_family(40, 120)
+    result = lanczos_smallest(_dense_matvec(dense), 40, 120, tol=3e-2)
+    assert result.nonconverged == 0
+    rel = (result.values - smallest).abs() / smallest.abs()
+    assert float(rel.max()) < 1e-2, rel.max()
+
+
+def test_start_vectors_speed_up_and_cannot_hide_the_smallest_eigenvalue():
+    dense, smallest = _spectrum_family(30, 80, seed=1)
+    w, v = torch.linalg.eigh(dense)
+    from_random = lanczos_smallest(_dense_matvec(dense), 30, 80, tol=1e-6)
+    from_vectors = lanczos_smallest(_dense_matvec(dense), 30, 80, tol=1e-6, start=v[:, :, 0])
+    assert from_vectors.iterations < from_random.iterations
+    torch.testing.assert_close(from_vectors.values, smallest, rtol=1e-9, atol=0)
+    # A start orthogonal to the answer (the second smallest eigenvector): the random part
+    # mixed in still leads to lambda_min.
+    misleading = lanczos_smallest(_dense_matvec(dense), 30, 80, tol=1e-6, start=v[:, :, 1])
+    torch.testing.assert_close(misleading.values, smallest, rtol=1e-9, atol=0)
+
+
+def test_bias_column_is_implicit_in_the_product():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(50, 6, generator=g, dtype=torch.float64)
+    h = torch.randn(50, 4, generator=g, dtype=torch.float64)
+    v = torch.randn(4, 7, generator=g, dtype=torch.float64)
+    xt = torch.cat([x, torch.ones(50, 1, dtype=torch.float64)], 1)
+    explicit = splitting_matvec(xt, h, 0.3)(v, torch.arange(4))
+    implicit = splitting_matvec(x, h, 0.3, bias=True)(v, torch.arange(4))
+    torch.testing.assert_close(implicit, explicit, rtol=1e-12, atol=1e-12)
+
+
+def test_splitting_start_is_exact_when_the_gradient_lives_on_few_tokens():
+    # h is zero outside 5 tokens, so every S_j lives in the span of their x~ and the
+    # Rayleigh-Ritz start is already the smallest eigenvector (independent dense check).
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(200, 9, generator=g, dtype=torch.float64)
+    h = torch.zeros(200, 12, dtype=torch.float64)
+    support = torch.tensor([3, 50, 77, 120, 199])
+    h[support] = torch.randn(5, 12, generator=g, dtype=torch.float64)
+    h[support[0]] -= 4.0  # every S_j has a negative eigenvalue
+    xt = torch.cat([x, torch.ones(200, 1, dtype=torch.float64)], 1)
+    dense = torch.einsum("tj,ta,tb->jab", h, xt, xt)
+    start = splitting_start(x, h, bias=True, tokens=5)
+    start = start / start.norm(dim=1, keepdim=True)
+    w, v = torch.linalg.eigh(dense)
+    torch.testing.assert_close((start * v[:, :, 0]).sum(1).abs(), torch.ones(12, dtype=torch.float64))
