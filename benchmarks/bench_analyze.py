@@ -4,8 +4,9 @@ For each model, on one batch: a training step (forward, backward, AdamW step), t
 recording pass alone (``analyze(..., max_iter=0)``: forward and backward through the
 recording copy, reservoir filled, no eigensolver), ``analyze(method="fast")`` and
 ``analyze(method="exact")`` on the same targets, and the fidelity of fast against exact
-(median and max relative error of the smallest eigenvalue, Jaccard overlap of the plans
-``select`` makes from each). On DeiT-S the exact path on all 48 layers would take the
+(median relative error of the smallest eigenvalue, share of neurons off by more than 3%,
+Jaccard overlap of the plans ``select`` makes from each). Every time is the median of warm
+runs (see ``_timed``). On DeiT-S the exact path on all 48 layers would take the
 better part of an hour on 2 cores, so both methods are compared on the four layers of
 block 0 (qkv, proj, fc1, fc2); ``fast`` is also run on every layer.
 
@@ -18,6 +19,7 @@ every step here many times slower (OpenMP threads waiting on each other).
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -27,10 +29,20 @@ import fxgrow
 from fxgrow.passes import analyze, default_targets
 
 
-def _timed(fn):
-    start = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - start, out
+def _timed(fn, repeats: int = 2, warm_up: bool = True):
+    """Median wall time of ``repeats`` runs after one untimed warm-up, and the last result.
+
+    The first run of anything large pays for fresh allocations (page faults until glibc's
+    malloc has raised its mmap threshold); a training loop that analyses every few epochs
+    runs warm, so warm runs are what is compared. (The exact path, minutes long, is timed
+    once, cold: its warm-up would change nothing that matters.)"""
+    out = fn() if warm_up else None
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
 
 
 def _train_step_seconds(gm, x, y) -> float:
@@ -42,22 +54,25 @@ def _train_step_seconds(gm, x, y) -> float:
         F.cross_entropy(gm(x), y).backward()
         opt.step()
 
-    step()  # warm-up (allocations, AdamW state)
-    seconds, _ = _timed(step)
+    seconds, _ = _timed(step, repeats=3)
     opt.zero_grad(set_to_none=True)
     gm.eval()
     return seconds
 
 
 def _fidelity(fast, exact, budget):
-    rel = torch.cat([
-        (fast.eigenvalues[t] - exact.eigenvalues[t]).abs() / exact.eigenvalues[t].abs()
-        for t in exact.targets
-    ])
+    """Median relative eigenvalue error; the share of neurons off by more than 3% (errors
+    of eigenvalues below 1e-3 of the layer's largest taken against that level); Jaccard
+    overlap of the plans."""
+    rel, off = [], []
+    for t in exact.targets:
+        e, f = exact.eigenvalues[t], fast.eigenvalues[t]
+        rel.append((f - e).abs() / e.abs())
+        off.append((f - e).abs() > 3e-2 * torch.maximum(e.abs(), 1e-3 * e.abs().max()))
     plans = [fxgrow.select(r, budget=budget, layer_threshold=0) for r in (fast, exact)]
     sets = [{(t, i) for t, idx in p.items() for i in idx} for p in plans]
     jaccard = len(sets[0] & sets[1]) / max(1, len(sets[0] | sets[1]))
-    return float(rel.median()), float(rel.max()), jaccard
+    return float(torch.cat(rel).median()), float(torch.cat(off).float().mean()), jaccard
 
 
 def bench(name, gm, x, y, exact_targets, rows, reservoirs=()):
@@ -70,9 +85,10 @@ def bench(name, gm, x, y, exact_targets, rows, reservoirs=()):
     fast_s, fast = _timed(lambda: analyze(gm, batches, F.cross_entropy, targets=exact_targets,
                                           progress=False))
     exact_s, exact = _timed(lambda: analyze(gm, batches, F.cross_entropy, targets=exact_targets,
-                                            method="exact", progress=False))
+                                            method="exact", progress=False), repeats=1,
+                            warm_up=False)
     neurons = sum(exact.eigenvalues[t].numel() for t in exact.targets)
-    med, worst, jac = _fidelity(fast, exact, budget=max(1, neurons // 10))
+    med, off, jac = _fidelity(fast, exact, budget=max(1, neurons // 10))
     unconverged = sum(fast_all.nonconverged.values())
     tokens = next(iter(fast_all.tokens.values()))
     rows.append((name, "train step (fwd+bwd+AdamW)", train, 1.0, ""))
@@ -84,7 +100,7 @@ def bench(name, gm, x, y, exact_targets, rows, reservoirs=()):
     rows.append((name, f"exact, {label} ({len(exact_targets)})", exact_s, exact_s / train,
                  f"exact/fast = {exact_s / fast_s:.1f}x"))
     rows.append((name, "fidelity fast vs exact", float("nan"), float("nan"),
-                 f"median rel err {med:.1e}, max {worst:.1e}, plan Jaccard {jac:.3f}"))
+                 f"median rel err {med:.1e}, off >3%: {off:.2%}, plan Jaccard {jac:.3f}"))
     # The cost of a Lanczos step over a layer is about that of the layer's forward and
     # backward at the same token count, so the remaining lever is the reservoir size.
     for size in reservoirs:
@@ -93,7 +109,7 @@ def bench(name, gm, x, y, exact_targets, rows, reservoirs=()):
         kw = dict(reservoir_tokens=size, progress=False)
         sub_s, sub = _timed(lambda: analyze(gm, batches, F.cross_entropy, targets=exact_targets, **kw))
         all_s, _ = _timed(lambda: analyze(gm, batches, F.cross_entropy, **kw))
-        med, worst, jac = _fidelity(sub, exact, budget=max(1, neurons // 10))
+        med, off, jac = _fidelity(sub, exact, budget=max(1, neurons // 10))
         rows.append((name, f"fast, reservoir {size}, all layers", all_s, all_s / train, ""))
         rows.append((name, f"fast, reservoir {size}, {label}", sub_s, sub_s / train,
                      f"vs exact (all tokens): median rel err {med:.1e}, Jaccard {jac:.3f}"))

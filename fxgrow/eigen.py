@@ -11,7 +11,8 @@ Two paths, both batched over the J neurons of a layer:
   so later products only touch the matrices still running.
 
 ``splitting_matvec`` builds the product for splitting matrices of the form
-``S_j = scale * X^T diag(h_j) X``: ``P = X V^T``, ``R = (H * P)^T X`` (two GEMMs per step).
+``S_j = scale * X^T diag(h_j) X``: ``P = X V^T``, ``R = (H * P)^T X`` (two GEMMs per step),
+and ``splitting_start`` start vectors for them from the tokens that dominate every S_j.
 """
 
 from __future__ import annotations
@@ -23,7 +24,12 @@ import numpy as np
 import torch
 from scipy.linalg.lapack import dstebz
 
-START_NOISE = 1.0  # weight of the random part of a given start vector (both unit norm)
+# Weight of the random part mixed into a given start vector (both unit norm), so that no
+# eigenvector is absent from the start. Measured: Lanczos products per neuron on reduced
+# DeiT-S 3.8 at 0.1, 4.3 at 1.0, 6.0 from random starts; neurons of a near-degenerate
+# pair that converged to lambda_2 on a small ViT (5 seeds x 1408 neurons) 6 at 0.1, 7 at
+# 0.3, 6 at 1.0 and 40 from random starts.
+START_NOISE = 0.1
 NORM_FLOOR = 1e-3  # eigenvalues smaller than this times ||S_j|| are resolved absolutely
 
 MatVec = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
