@@ -205,9 +205,9 @@ def _tridiagonal_vector(
     shifted = tri - shift[:, None, None] * torch.eye(m, dtype=alpha.dtype, device=alpha.device)
     y = torch.ones(j, m, 1, dtype=alpha.dtype, device=alpha.device)
     for _ in range(2):
-        y = torch.linalg.solve(shifted, y / y.norm(dim=1, keepdim=True))
+        y = torch.linalg.solve(shifted, _unit(y))
     y = y[:, :, 0]
-    return y / y.norm(dim=1, keepdim=True)
+    return _unit(y)
 
 
 def lanczos_smallest(
