@@ -628,7 +628,7 @@ def splitting_matrices(
         raise AnalysisError(f"form must be 'operator' or 'activation', got {form!r}")
     chosen = _resolve_targets(gm, targets, form)
     device = torch.device(device) if device is not None else _model_device(gm)
-    accumulators: dict[str, _Exact | _Reservoir] = {
+    accumulators: dict[str, _Exact] = {
         t: _Exact(ss[0].in_features + int(ss[0].has_bias(gm)), ss[0].out_features, device)
         for t, ss in chosen.items()
     }
