@@ -1,13 +1,15 @@
 """Splitting analysis cost against one training step, all measured in one run.
 
-For each model, on one batch: a training step (forward, backward, AdamW step), the
+For each model, on one batch: a training step (forward, backward, AdamW step), the same
+step with its GEMMs routed through oneDNN as the eigensolver's are (the like-for-like
+baseline where that is faster, as on AMD CPUs; see ``_onednn_train_step_seconds``), the
 recording pass alone (``analyze(..., max_iter=0)``: forward and backward through the
 recording copy, reservoir filled, no eigensolver), ``analyze(method="fast")`` and
 ``analyze(method="exact")`` on the same targets, and the fidelity of fast against exact
 (median relative error of the smallest eigenvalue, share of neurons off by more than 3%,
 Jaccard overlap of the plans ``select`` makes from each). Every time is the median of warm
-runs (see ``_timed``). On DeiT-S the exact path on all 48 layers would take the
-better part of an hour on 2 cores, so both methods are compared on the four layers of
+runs (see ``_timed``). On DeiT-S the exact path on all 48 layers would take about 16
+minutes on one core (81 s for block 0), so both methods are compared on the four layers of
 block 0 (qkv, proj, fc1, fc2); ``fast`` is also run on every layer.
 
     .venv/bin/python benchmarks/bench_analyze.py [--skip-deit] [--threads 1]
@@ -60,6 +62,26 @@ def _train_step_seconds(gm, x, y) -> float:
     return seconds
 
 
+def _onednn_train_step_seconds(gm, x, y) -> tuple[float, str]:
+    """The training step again with every float32 GEMM routed through oneDNN, as ``analyze``
+    routes its eigensolver's (fxgrow.eigen.gemm_nt): the like-for-like baseline on a CPU
+    where oneDNN's GEMM is faster than MKL's. PyTorch exposes that routing only as oneDNN's
+    bf16 math mode, so the note says whether this CPU's results stayed float32-accurate."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(512, 384, generator=g), torch.randn(384, 256, generator=g)
+    exact = a.double() @ b.double()
+    saved = torch.backends.mkldnn.matmul.fp32_precision
+    try:
+        plain = float((a @ b - exact).abs().max())
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+        routed = float((a @ b - exact).abs().max())
+        seconds = _train_step_seconds(gm, x, y)
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision = saved
+    accuracy = "float32-accurate here" if routed <= 4 * plain else "bf16 math on this CPU"
+    return seconds, f"GEMM max error {routed:.1e} vs MKL {plain:.1e}: {accuracy}"
+
+
 def _fidelity(fast, exact, budget):
     """Median relative eigenvalue error; the share of neurons off by more than 3% (errors
     of eigenvalues below 1e-3 of the layer's largest taken against that level); Jaccard
@@ -91,10 +113,14 @@ def bench(name, gm, x, y, exact_targets, rows, reservoirs=()):
     med, off, jac = _fidelity(fast, exact, budget=max(1, neurons // 10))
     unconverged = sum(fast_all.nonconverged.values())
     tokens = next(iter(fast_all.tokens.values()))
+    train_onednn, onednn_note = _onednn_train_step_seconds(gm, x, y)
     rows.append((name, "train step (fwd+bwd+AdamW)", train, 1.0, ""))
+    rows.append((name, "train step, oneDNN GEMMs", train_onednn, train_onednn / train,
+                 onednn_note))
     rows.append((name, f"record only, {len(everything)} layers", record, record / train, ""))
     rows.append((name, f"fast, all {len(everything)} layers", fast_all_s, fast_all_s / train,
-                 f"{tokens} tokens, unconverged {unconverged}"))
+                 f"{tokens} tokens, unconverged {unconverged}; "
+                 f"{fast_all_s / train_onednn:.2f}x the oneDNN train step"))
     label = "all layers" if len(exact_targets) == len(everything) else "block 0"
     rows.append((name, f"fast, {label} ({len(exact_targets)})", fast_s, fast_s / train, ""))
     rows.append((name, f"exact, {label} ({len(exact_targets)})", exact_s, exact_s / train,
