@@ -34,6 +34,7 @@ from scipy.linalg.lapack import dstebz
 # neurons converged to lambda_2 where the token start let 6 do so.
 START_NOISE = 0.01
 NORM_FLOOR = 1e-3  # eigenvalues smaller than this times ||S_j|| are resolved absolutely
+_FIRST_SLOTS = 8  # Krylov vectors the basis first has room for (it grows by doubling)
 
 MatVec = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -195,8 +196,6 @@ def splitting_start(
     _, vectors = torch.linalg.eigh(projected)
     return vectors[:, :, 0] @ basis.T
 
-
-_FIRST_SLOTS = 8  # Krylov vectors the basis first has room for
 
 # Measured for J = 576: numpy's batched eigvalsh 0.4 ms at m = 3 and 1.1 ms at m = 8
 # against 2.0 and 1.7 ms for dstebz in a Python loop; 4.8 against 3.1 ms at m = 20.
@@ -382,12 +381,11 @@ def lanczos_smallest(
         full = k + 2 > basis.shape[1]
         if drop or full:
             slots = min(steps + 1, 2 * basis.shape[1]) if full else basis.shape[1]
-            keep = live if drop else torch.ones_like(live)
-            moved = torch.empty(int(keep.sum()), slots, dim, dtype=dtype, device=device)
-            moved[:, : k + 1] = basis[keep, : k + 1]  # only the slots in use
-            basis, w = moved, w[keep]
+            in_use = basis[live, : k + 1] if drop else basis[:, : k + 1]
+            basis = torch.empty(in_use.shape[0], slots, dim, dtype=dtype, device=device)
+            basis[:, : k + 1] = in_use
             if drop:
-                rows, alphas, betas = rows[live], alphas[live], betas[live]
+                w, rows, alphas, betas = w[live], rows[live], alphas[live], betas[live]
                 norm_est, live = norm_est[live], live[live]
         basis[:, k + 1] = w
     return EigenResult(values, vectors, residuals, converged, done_at)
