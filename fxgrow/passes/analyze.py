@@ -21,7 +21,10 @@ labels_b)`` is whatever the loss function returns (usually a mean over the batch
 The model runs in eval mode during the analysis (no dropout, norm statistics frozen; the
 modules' training flags are restored afterwards) and the caller's GraphModule, its
 parameters and their ``.grad`` are left as they were: gradients are taken with
-``torch.autograd.grad`` with respect to the recorded outputs only.
+``torch.autograd.grad`` with respect to the recorded outputs only. In the recording copy,
+plain linears (``nn.Linear`` modules and ``F.linear`` calls) run through oneDNN's float32
+GEMM where it applies (``fxgrow._gemm``: the same arithmetic, faster on AMD CPUs) and give
+no parameter gradients, which the analysis never asks for.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from .._gemm import linear as onednn_linear
 from ..eigen import exact_smallest, lanczos_smallest, splitting_matvec, splitting_start
 from ..errors import AnalysisError
 from ..linears import LinearSite, linear_sites
@@ -322,6 +326,9 @@ def _recorder(
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     out_value = graph.graph_copy(gm.graph, env)
+    routed = _route_linears_through_onednn(gm, graph)
+    env = {node: routed.get(copy, copy) for node, copy in env.items()}
+    out_value = fx.node.map_arg(out_value, lambda n: routed.get(n, n))
     probes: list[_Probe] = []
     for target, sites in chosen.items():
         for i, site in enumerate(sites):
@@ -339,6 +346,27 @@ def _recorder(
         recorded += [p.x, p.out] + ([p.act] if p.act is not None else [])
     graph.output((out_value, tuple(recorded)))
     return build_graph_module(gm, graph), probes
+
+
+def _route_linears_through_onednn(gm: fx.GraphModule, graph: fx.Graph) -> dict[fx.Node, fx.Node]:
+    """Make every plain linear of ``graph`` (a copy of ``gm``'s) a call of
+    :func:`fxgrow._gemm.linear`: the same float32 arithmetic through a faster GEMM where
+    oneDNN is, with no gradient for parameters. Linear subclasses keep their own forward.
+    Returns the nodes replaced, each mapped to its replacement."""
+    replaced: dict[fx.Node, fx.Node] = {}
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target in (F.linear, torch._C._nn.linear):
+            node.target = onednn_linear
+        elif (node.op == "call_module" and node.args
+              and type(gm.get_submodule(node.target)) is nn.Linear):
+            module = gm.get_submodule(node.target)
+            with graph.inserting_before(node):
+                weight = graph.get_attr(f"{node.target}.weight")
+                bias = graph.get_attr(f"{node.target}.bias") if module.bias is not None else None
+                replaced[node] = graph.call_function(onednn_linear, (node.args[0], weight, bias))
+            node.replace_all_uses_with(replaced[node])
+            graph.erase_node(node)
+    return replaced
 
 
 def _second_derivative(fn: Callable, o: torch.Tensor) -> torch.Tensor:
