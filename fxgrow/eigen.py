@@ -17,8 +17,9 @@ and ``splitting_start`` start vectors for them from the tokens that dominate eve
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -134,6 +135,29 @@ def splitting_matvec(
         if bias:
             r = torch.cat([r, p.sum(0)[:, None]], 1)
         return r[:count] * scale
+
+    return matvec
+
+
+def stacked_matvec(parts: Sequence[MatVec], counts: Sequence[int]) -> MatVec:
+    """One product for the matrices of several ``parts`` (``counts[i]`` matrices each, in
+    order), so that :func:`lanczos_smallest` can run them together: its per-step work
+    outside the products is then paid once for all of them."""
+    offsets = torch.tensor([0, *counts]).cumsum(0)
+    split: dict[str, Any] = {}
+
+    def matvec(v: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        # Each part sees the same local ``rows`` object while the set is unchanged, so that
+        # its own per-set work (gathering h) is done once per set.
+        if split.get("rows") is not rows:
+            bounds = torch.searchsorted(rows.cpu(), offsets).tolist()
+            split["rows"] = rows
+            split["parts"] = [
+                (a, b, rows[a:b] - int(offsets[i]))
+                for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))
+            ]
+        outs = [parts[i](v[a:b], local) for i, (a, b, local) in enumerate(split["parts"]) if b > a]
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
 
     return matvec
 

@@ -1,3 +1,4 @@
+import importlib
 import math
 
 import numpy as np
@@ -357,3 +358,18 @@ def test_summary_and_plot(tmp_path):
     assert len(fig.axes[0].patches) == negative
     with pytest.raises(AnalysisError, match="not in the report"):
         report.plot(["head"])
+
+
+def test_fast_solves_group_equal_sizes_in_bounded_runs(monkeypatch):
+    module = importlib.import_module("fxgrow.passes.analyze")
+    monkeypatch.setattr(module, "_GROUP_ROWS", 1000)
+    f32, f64 = torch.float32, torch.float64
+    spec = [("a", 385, 576, f32), ("b", 193, 384, f32), ("c", 385, 400, f32),
+            ("d", 385, 300, f32), ("e", 385, 1200, f32), ("f", 385, 10, f64)]
+    problems = [
+        module._Problem(t, torch.zeros(3, d - 1, dtype=dt), torch.zeros(3, n), 1.0, True, 0)
+        for t, d, n, dt in spec
+    ]
+    groups = [[p.target for p in g] for g in module._groups(problems)]
+    # Equal sizes and dtypes share a run, in order, up to the bound; "e" alone exceeds it.
+    assert groups == [["a", "c"], ["b"], ["d"], ["e"], ["f"]]

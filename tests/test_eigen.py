@@ -1,6 +1,12 @@
 import torch
 
-from fxgrow.eigen import exact_smallest, lanczos_smallest, splitting_matvec, splitting_start
+from fxgrow.eigen import (
+    exact_smallest,
+    lanczos_smallest,
+    splitting_matvec,
+    splitting_start,
+    stacked_matvec,
+)
 
 
 def _problem(tokens, dim, count, seed=0):
@@ -146,3 +152,20 @@ def test_product_on_a_subset_of_rows_in_float32():
     got = splitting_matvec(x, h, 0.4, bias=True)(v, rows)
     assert got.shape == (9, 12) and got.dtype == torch.float32
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_stacked_product_equals_each_parts_own():
+    g = torch.Generator().manual_seed(10)
+    parts, dense = [], []
+    for tokens, count, bias in [(80, 5, True), (60, 7, False), (90, 4, True)]:
+        x = torch.randn(tokens, 6 - int(bias), generator=g, dtype=torch.float64)
+        h = torch.randn(tokens, count, generator=g, dtype=torch.float64)
+        parts.append(splitting_matvec(x, h, 0.5, bias=bias))
+        xt = torch.cat([x, torch.ones(tokens, 1, dtype=torch.float64)], 1) if bias else x
+        dense.append(0.5 * torch.einsum("tj,ta,tb->jab", h, xt, xt))
+    dense = torch.cat(dense)  # (16, 6, 6)
+    stacked = stacked_matvec(parts, [5, 7, 4])
+    for rows in [torch.arange(16), torch.tensor([1, 3, 12, 15]), torch.tensor([13])]:
+        v = torch.randn(len(rows), 6, generator=g, dtype=torch.float64)
+        expected = torch.einsum("jab,jb->ja", dense[rows], v)
+        torch.testing.assert_close(stacked(v, rows), expected, rtol=1e-12, atol=1e-12)

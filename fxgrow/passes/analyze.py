@@ -44,7 +44,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._gemm import linear as onednn_linear
-from ..eigen import exact_smallest, lanczos_smallest, splitting_matvec, splitting_start
+from ..eigen import (
+    EigenResult,
+    exact_smallest,
+    lanczos_smallest,
+    splitting_matvec,
+    splitting_start,
+    stacked_matvec,
+)
 from ..errors import AnalysisError
 from ..linears import LinearSite, linear_sites
 from ._rebuild import build_graph_module
@@ -576,28 +583,25 @@ def analyze(
     n_batches = _collect(gm, batches, loss_fn, chosen, form, accumulators, progress)
 
     constant = GELU_CURVATURE if form == "operator" else 1.0
-    values, vectors, tokens, kept, unconverged = {}, {}, {}, {}, {}
+    results: dict[str, EigenResult] = {}
+    problems: list[_Problem] = []
     for i, (t, acc) in enumerate(accumulators.items()):
         if isinstance(acc, _Exact):
-            result = exact_smallest(acc.matrices(constant / n_batches), outs[t],
-                                    eigenvectors=eigenvectors)
-            kept[t] = acc.tokens
-        else:
-            scale = constant / n_batches * acc.tokens / max(acc.filled, 1)
-            bias = biases[t]
-            x, h = acc.data(dims[t] - int(bias))
-            start = splitting_start(x, h, bias=bias) if x.shape[0] and max_iter else None
-            result = lanczos_smallest(
-                splitting_matvec(x, h, scale, bias=bias), outs[t], dims[t], tol=tol,
-                max_iter=max_iter, eigenvectors=eigenvectors, seed=seed + i, device=device,
-                start=start, dtype=x.dtype if x.dtype == torch.float64 else torch.float32,
-            )
-            kept[t] = acc.filled
-        values[t] = result.values.cpu()
-        if eigenvectors:
-            vectors[t] = result.vectors.cpu()
-        tokens[t] = acc.tokens
-        unconverged[t] = result.nonconverged
+            results[t] = exact_smallest(acc.matrices(constant / n_batches), outs[t],
+                                        eigenvectors=eigenvectors)
+            continue
+        x, h = acc.data(dims[t] - int(biases[t]))
+        scale = constant / n_batches * acc.tokens / max(acc.filled, 1)
+        problems.append(_Problem(t, x, h, scale, biases[t], seed + i))
+    for group in _groups(problems):
+        results.update(_solve_together(group, tol=tol, max_iter=max_iter,
+                                       eigenvectors=eigenvectors, device=device))
+    values = {t: results[t].values.cpu() for t in accumulators}
+    vectors = {t: results[t].vectors.cpu() for t in accumulators} if eigenvectors else {}
+    tokens = {t: acc.tokens for t, acc in accumulators.items()}
+    kept = {t: acc.tokens if isinstance(acc, _Exact) else acc.filled
+            for t, acc in accumulators.items()}
+    unconverged = {t: results[t].nonconverged for t in accumulators}
     settings = {
         "form": form, "method": method, "reservoir_tokens": reservoir_tokens,
         "batches": n_batches, "seed": seed, "tol": tol, "max_iter": max_iter,
@@ -609,6 +613,86 @@ def analyze(
         bias=biases, tokens=tokens, reservoir=kept, nonconverged=unconverged, settings=settings,
         eigenvectors=vectors if eigenvectors else None,
     )
+
+
+@dataclass
+class _Problem:
+    """One target's splitting matrices for the fast method: ``scale * x~^T diag(h_j) x~``."""
+
+    target: str
+    x: torch.Tensor
+    h: torch.Tensor
+    scale: float
+    bias: bool
+    seed: int
+
+    @property
+    def count(self) -> int:
+        return self.h.shape[1]
+
+    @property
+    def dim(self) -> int:
+        return self.x.shape[1] + int(self.bias)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The Krylov basis's dtype: float64 data keeps float64, anything else float32."""
+        return torch.float64 if self.x.dtype == torch.float64 else torch.float32
+
+
+# Targets solved in one Lanczos run share its per-step costs (Python, the tridiagonal
+# solves), which otherwise dominate for small layers; the bound keeps the run's Krylov
+# basis, (rows, steps, dim) floats, near the size of one large layer's.
+_GROUP_ROWS = 4096
+
+
+def _groups(problems: list[_Problem]) -> list[list[_Problem]]:
+    """Problems of equal matrix size and dtype, in target order, at most ``_GROUP_ROWS``
+    matrices a group (a larger target forms a group of its own)."""
+    open_groups: dict[tuple[int, torch.dtype], list[_Problem]] = {}
+    groups: list[list[_Problem]] = []
+    for p in problems:
+        key = (p.dim, p.dtype)
+        group = open_groups.get(key)
+        if group is None or sum(q.count for q in group) + p.count > _GROUP_ROWS:
+            group = open_groups[key] = []
+            groups.append(group)
+        group.append(p)
+    return groups
+
+
+def _solve_together(
+    group: list[_Problem], *, tol: float, max_iter: int, eigenvectors: bool,
+    device: torch.device,
+) -> dict[str, EigenResult]:
+    """One Lanczos run over the matrices of every problem of ``group``, split back per
+    target. The products and start vectors are built here, one group at a time."""
+    counts = [p.count for p in group]
+    start = None
+    if max_iter:
+        start = torch.cat([
+            splitting_start(p.x, p.h, bias=p.bias) if p.x.shape[0]
+            else torch.zeros(p.count, p.dim, dtype=torch.float64, device=p.x.device)
+            for p in group
+        ])
+    products = [splitting_matvec(p.x, p.h, p.scale, bias=p.bias) for p in group]
+    result = lanczos_smallest(
+        stacked_matvec(products, counts), sum(counts), group[0].dim, tol=tol,
+        max_iter=max_iter, eigenvectors=eigenvectors, seed=group[0].seed, device=device,
+        start=start, dtype=group[0].dtype,
+    )
+    out, begin = {}, 0
+    for p in group:
+        end = begin + p.count
+        out[p.target] = EigenResult(
+            values=result.values[begin:end],
+            vectors=result.vectors[begin:end] if result.vectors is not None else None,
+            residuals=result.residuals[begin:end],
+            converged=result.converged[begin:end],
+            iterations=result.iterations,
+        )
+        begin = end
+    return out
 
 
 def _collect(
