@@ -11,8 +11,11 @@ Two paths, both batched over the J neurons of a layer:
   so later products only touch the matrices still running.
 
 ``splitting_matvec`` builds the product for splitting matrices of the form
-``S_j = scale * X^T diag(h_j) X``: ``P = X V^T``, ``R = (H * P)^T X`` (two GEMMs per step),
-and ``splitting_start`` start vectors for them from the tokens that dominate every S_j.
+``S_j = scale * X^T diag(h_j) X``: ``P = X V^T``, ``R = (H * P)^T X`` (two GEMMs per step,
+through oneDNN for float32: ``fxgrow._gemm``), ``splitting_start`` start vectors for them
+from the tokens that dominate every S_j, and ``splitting_first_step`` those starts with
+their random part and their products at the cost of one GEMM. ``stacked_matvec`` joins
+the products of several layers so that one Lanczos run serves them all.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from ._gemm import gemm_nt, onednn_applies
 START_NOISE = 0.01
 NORM_FLOOR = 1e-3  # eigenvalues smaller than this times ||S_j|| are resolved absolutely
 _FIRST_SLOTS = 8  # Krylov vectors the basis first has room for (it grows by doubling)
+_RANDOM_RANK = 16  # the shared random basis of splitting_first_step's random parts
 
 MatVec = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -185,6 +189,59 @@ def splitting_start(
     products per neuron from 6.0 to 3.8, and cost about two thirds of one product's time
     (1.2 s over the 48 layers, against 1.8 s per product). Returns (J, D)
     float64 rows (D = d + bias), not normalised."""
+    basis, _, coefficients = _token_ritz(x, h, bias, tokens)
+    return coefficients @ basis.T
+
+
+def splitting_first_step(
+    x: torch.Tensor,
+    h: torch.Tensor,
+    scale: float = 1.0,
+    *,
+    bias: bool = False,
+    tokens: int = 16,
+    noise: float = START_NOISE,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Start vectors ``q_j`` for :func:`lanczos_smallest` and their products ``S_j q_j``
+    (``S_j = scale * x~^T diag(h[:, j]) x~``), for its ``start`` and ``start_product``.
+
+    ``q_j`` is the :func:`splitting_start` vector plus ``noise`` times a random unit vector
+    (both unit norm, then normalised). The random vectors are Gaussian combinations of one
+    random (D, 16) basis shared by the layer, so each is still a Gaussian vector of R^D
+    (nothing about any eigenvector's share changes), and ``x~ q_j`` is a combination of
+    (T, 16) products: the first Lanczos product costs one GEMM, not two. Returns (J, D)
+    float64 unit rows and their products in ``x``'s dtype."""
+    count, dim = h.shape[1], x.shape[1] + int(bias)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    f64 = dict(dtype=torch.float64, device=x.device)
+    shared = torch.randn(dim, _RANDOM_RANK, generator=generator, dtype=torch.float64).to(x.device)
+    mixing = torch.randn(count, _RANDOM_RANK, generator=generator, dtype=torch.float64).to(x.device)
+    random = mixing @ shared.T
+    if x.shape[0] == 0:  # no tokens: S_j = 0
+        return _unit(random), torch.zeros(count, dim, dtype=x.dtype, device=x.device)
+    basis, y, coefficients = _token_ritz(x, h, bias, tokens)  # unit Ritz vectors
+    mixing = mixing * (noise / random.norm(dim=1, keepdim=True))
+    start = coefficients @ basis.T + mixing @ shared.T
+    norms = start.norm(dim=1, keepdim=True)
+    start, coefficients, mixing = start / norms, coefficients / norms, mixing / norms
+    x_shared = x @ shared[: x.shape[1]].to(x.dtype)
+    if bias:
+        x_shared += shared[x.shape[1]].to(x.dtype)
+    p = gemm_nt(y, coefficients.to(x.dtype)) + gemm_nt(x_shared, mixing.to(x.dtype))  # x~ q
+    p *= h
+    product = gemm_nt(x.T.contiguous() if onednn_applies(x) else x.T, p.T).T
+    if bias:
+        product = torch.cat([product, p.sum(0)[:, None]], 1)
+    return start, product * scale
+
+
+def _token_ritz(
+    x: torch.Tensor, h: torch.Tensor, bias: bool, tokens: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The orthonormal basis (D, k) of the ``tokens`` inputs with the largest gradient
+    energy, the inputs' coordinates in it ``y = x~ basis`` (T, k), and each neuron's
+    Rayleigh-Ritz coefficients (J, k) in it."""
     k = min(tokens, x.shape[0])
     top = h.square().sum(1).topk(k).indices
     chosen = x[top].double()
@@ -204,7 +261,7 @@ def splitting_start(
     projected = projected + projected.transpose(1, 2)
     projected.diagonal(dim1=1, dim2=2).mul_(0.5)
     _, vectors = torch.linalg.eigh(projected)
-    return vectors[:, :, 0] @ basis.T
+    return basis, y, vectors[:, :, 0]
 
 
 # Measured for J = 576: numpy's batched eigvalsh 0.4 ms at m = 3 and 1.1 ms at m = 8
@@ -288,6 +345,7 @@ def lanczos_smallest(
     seed: int = 0,
     device: torch.device | str | None = None,
     start: torch.Tensor | None = None,
+    start_product: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float64,
 ) -> EigenResult:
     """Smallest eigenpair of ``count`` symmetric (dim x dim) matrices known through
@@ -308,7 +366,9 @@ def lanczos_smallest(
 
     ``start`` (count, dim) gives start vectors (see :func:`splitting_start`); a seeded
     random component is mixed in so that no eigenvector is missed because the start was
-    orthogonal to it. After ``max_iter`` steps the rest keep their current Ritz pair and
+    orthogonal to it. With ``start_product``, the products ``S_j start_j``, the start rows
+    are taken as they are (unit norm, random part already mixed in: see
+    :func:`splitting_first_step`) and the first product is not asked of ``matvec``. After ``max_iter`` steps the rest keep their current Ritz pair and
     are reported as not converged. The Krylov basis is kept in ``dtype`` (float32 halves
     the memory traffic of the reorthogonalisation; use it when the products are float32);
     the tridiagonal problems are solved in float64. Deterministic given ``seed``."""
@@ -328,7 +388,15 @@ def lanczos_smallest(
     if start is not None:
         if start.shape != (count, dim):
             raise ValueError(f"start must have shape {(count, dim)}, got {tuple(start.shape)}")
-        first = _unit(start.to(device, dtype)) + START_NOISE * _unit(first)
+        if start_product is None:
+            first = _unit(start.to(device, dtype)) + START_NOISE * _unit(first)
+        elif start_product.shape != (count, dim):
+            raise ValueError(f"start_product must have shape {(count, dim)}, "
+                             f"got {tuple(start_product.shape)}")
+        else:
+            first = start.to(device, dtype)
+    elif start_product is not None:
+        raise ValueError("start_product needs the start vectors it is the product of")
     # The basis grows by doubling: most matrices converge within a few steps, and a buffer
     # for all steps + 1 vectors would be hundreds of MB to allocate and touch.
     basis = torch.empty(count, min(steps + 1, _FIRST_SLOTS), dim, dtype=dtype, device=device)
@@ -343,7 +411,10 @@ def lanczos_smallest(
     done_at = 0
     for k in range(steps):
         q = basis[:, k]
-        w = matvec(q, rows).to(dtype)
+        if k == 0 and start_product is not None:
+            w = start_product.to(device, dtype)
+        else:
+            w = matvec(q, rows).to(dtype)
         alpha = (w * q).sum(1)
         w -= alpha[:, None] * q
         if k > 0:

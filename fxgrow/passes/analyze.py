@@ -48,8 +48,8 @@ from ..eigen import (
     EigenResult,
     exact_smallest,
     lanczos_smallest,
+    splitting_first_step,
     splitting_matvec,
-    splitting_start,
     stacked_matvec,
 )
 from ..errors import AnalysisError
@@ -535,7 +535,7 @@ def analyze(
     tokens fit; otherwise S_j is estimated from the sample, scaled by tokens / kept) and runs
     batched Lanczos (:func:`fxgrow.eigen.lanczos_smallest`: residual at most ``tol`` times
     the eigenvalue, at most ``max_iter`` steps, started from
-    :func:`fxgrow.eigen.splitting_start`) on the implicit product. ``device``: where
+    :func:`fxgrow.eigen.splitting_first_step`) on the implicit product. ``device``: where
     statistics and eigensolvers live (default: the device of the model's parameters).
 
     The defaults (``tol`` 3e-2, ``max_iter`` 40) are enough for ranking: the eigenvalue
@@ -668,18 +668,17 @@ def _solve_together(
     """One Lanczos run over the matrices of every problem of ``group``, split back per
     target. The products and start vectors are built here, one group at a time."""
     counts = [p.count for p in group]
-    start = None
+    start = start_product = None
     if max_iter:
-        start = torch.cat([
-            splitting_start(p.x, p.h, bias=p.bias) if p.x.shape[0]
-            else torch.zeros(p.count, p.dim, dtype=torch.float64, device=p.x.device)
-            for p in group
-        ])
+        firsts = [splitting_first_step(p.x, p.h, p.scale, bias=p.bias, seed=p.seed)
+                  for p in group]
+        start = torch.cat([q for q, _ in firsts])
+        start_product = torch.cat([product for _, product in firsts])
     products = [splitting_matvec(p.x, p.h, p.scale, bias=p.bias) for p in group]
     result = lanczos_smallest(
         stacked_matvec(products, counts), sum(counts), group[0].dim, tol=tol,
         max_iter=max_iter, eigenvectors=eigenvectors, seed=group[0].seed, device=device,
-        start=start, dtype=group[0].dtype,
+        start=start, start_product=start_product, dtype=group[0].dtype,
     )
     out, begin = {}, 0
     for p in group:
