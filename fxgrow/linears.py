@@ -16,7 +16,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-_FUNCTIONAL_LINEARS = (F.linear, torch._C._nn.linear)
+FUNCTIONAL_LINEARS = (F.linear, torch._C._nn.linear)
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ def linear_site(gm: fx.GraphModule, node: fx.Node) -> LinearSite | None:
         if not isinstance(module, nn.Linear) or not node.args:
             return None
         return LinearSite(node, node.target, "module", node.args[0], module.weight, None, None)
-    if node.op == "call_function" and node.target in _FUNCTIONAL_LINEARS:
+    if node.op == "call_function" and node.target in FUNCTIONAL_LINEARS:
         x, weight_arg, bias_arg = _functional_args(node)
         if not isinstance(weight_arg, fx.Node) or weight_arg.op != "get_attr":
             return None  # a weight computed in the graph has no parameter to grow from

@@ -53,7 +53,7 @@ from ..eigen import (
     stacked_matvec,
 )
 from ..errors import AnalysisError
-from ..linears import LinearSite, linear_sites
+from ..linears import FUNCTIONAL_LINEARS, LinearSite, linear_sites
 from ._rebuild import build_graph_module
 
 GELU_CURVATURE = math.sqrt(2.0 / math.pi)  # GeLU''(0) = 2 * phi(0)
@@ -362,7 +362,7 @@ def _route_linears_through_onednn(gm: fx.GraphModule, graph: fx.Graph) -> dict[f
     Returns the nodes replaced, each mapped to its replacement."""
     replaced: dict[fx.Node, fx.Node] = {}
     for node in list(graph.nodes):
-        if node.op == "call_function" and node.target in (F.linear, torch._C._nn.linear):
+        if node.op == "call_function" and node.target in FUNCTIONAL_LINEARS:
             node.target = onednn_linear
         elif (node.op == "call_module" and node.args
               and type(gm.get_submodule(node.target)) is nn.Linear):
