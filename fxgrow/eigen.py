@@ -102,45 +102,58 @@ def exact_smallest(
     )
 
 
-def splitting_matvec(
-    x: torch.Tensor, h: torch.Tensor, scale: float = 1.0, *, bias: bool = False
-) -> MatVec:
+class SplittingProduct:
     """The product ``v_j -> S_j v_j`` for ``S_j = scale * x~^T diag(h[:, j]) x~``, batched
-    over neurons: ``x`` is (T, d) token inputs, ``h`` is (T, J) per-token weights, and
-    ``x~ = [x, 1]`` when ``bias`` (the constant column is never materialised: a (T, d + 1)
-    copy of the tokens is what it would cost). The GEMMs run in the dtype of ``x`` (float32
-    data stays float32: these two products are where the time goes), and so does the result.
-    """
-    d = x.shape[1]
-    onednn = onednn_applies(x)
-    x_t = x.T.contiguous() if onednn else x.T
-    columns: dict[str, torch.Tensor] = {}
+    over neurons (a :data:`MatVec`): ``x`` is (T, d) token inputs, ``h`` is (T, J) per-token
+    weights, and ``x~ = [x, 1]`` when ``bias`` (the constant column is never materialised: a
+    (T, d + 1) copy of the tokens is what it would cost). The GEMMs run in the dtype of ``x``
+    (float32 data stays float32: these two products are where the time goes), and so does
+    the result."""
 
-    def matvec(v: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        count = v.shape[0]
+    def __init__(
+        self, x: torch.Tensor, h: torch.Tensor, scale: float = 1.0, *, bias: bool = False
+    ) -> None:
+        self.x, self.h, self.scale, self.bias = x, h, scale, bias
+        self._onednn = onednn_applies(x)
+        self._x_t = x.T.contiguous() if self._onednn else x.T
+        self._rows: torch.Tensor | None = None
+        self._h_rows = h
+
+    def __call__(self, v: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        count, d = v.shape[0], self.x.shape[1]
         # The live rows only shrink, and each distinct set is gathered from h once, padded
         # with zero columns to a width oneDNN has seen before (see _gemm_width).
-        if columns.get("rows") is not rows:
-            columns["rows"] = rows
-            if count == h.shape[1]:
-                columns["h"] = h
+        if self._rows is not rows:
+            self._rows = rows
+            if count == self.h.shape[1]:
+                self._h_rows = self.h
             else:
-                width = _gemm_width(count) if onednn else count
+                width = _gemm_width(count) if self._onednn else count
                 padded = torch.cat([rows, rows[:1].expand(width - count)])
-                columns["h"] = h.index_select(1, padded)
-                columns["h"][:, count:] = 0.0
-        width = columns["h"].shape[1]
+                self._h_rows = self.h.index_select(1, padded)
+                self._h_rows[:, count:] = 0.0
+        width = self._h_rows.shape[1]
         if width != count:
             v = torch.cat([v, v.new_zeros(width - count, v.shape[1])])
-        v = v.to(x.dtype)
-        p = gemm_nt(x, v[:, :d], v[:, d] if bias else None)  # (T, width)
-        p *= columns["h"]
-        r = gemm_nt(x_t, p.T).T  # (width, d)
-        if bias:
-            r = torch.cat([r, p.sum(0)[:, None]], 1)
-        return r[:count] * scale
+        v = v.to(self.x.dtype)
+        p = gemm_nt(self.x, v[:, :d], v[:, d] if self.bias else None)  # x~ v: (T, width)
+        p *= self._h_rows
+        return self.inputs_times(p)[:count]
 
-    return matvec
+    def inputs_times(self, p: torch.Tensor) -> torch.Tensor:
+        """``scale * x~^T p`` for token values ``p`` (T, J): (J, D)."""
+        r = gemm_nt(self._x_t, p.T).T
+        if self.bias:
+            r = torch.cat([r, p.sum(0)[:, None]], 1)
+        return r * self.scale
+
+
+def splitting_matvec(
+    x: torch.Tensor, h: torch.Tensor, scale: float = 1.0, *, bias: bool = False
+) -> SplittingProduct:
+    """The batched product ``v_j -> S_j v_j`` for ``S_j = scale * x~^T diag(h[:, j]) x~``
+    (see :class:`SplittingProduct`)."""
+    return SplittingProduct(x, h, scale, bias=bias)
 
 
 def stacked_matvec(parts: Sequence[MatVec], counts: Sequence[int]) -> MatVec:
@@ -193,17 +206,14 @@ def splitting_start(
 
 
 def splitting_first_step(
-    x: torch.Tensor,
-    h: torch.Tensor,
-    scale: float = 1.0,
+    product: SplittingProduct,
     *,
-    bias: bool = False,
     tokens: int = 16,
     noise: float = START_NOISE,
     seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Start vectors ``q_j`` for :func:`lanczos_smallest` and their products ``S_j q_j``
-    (``S_j = scale * x~^T diag(h[:, j]) x~``), for its ``start`` and ``start_product``.
+    under ``product``, for its ``start`` and ``start_product``.
 
     ``q_j`` is the :func:`splitting_start` vector plus ``noise`` times a random unit vector
     (both unit norm, then normalised). The random vectors are Gaussian combinations of one
@@ -211,6 +221,7 @@ def splitting_first_step(
     (nothing about any eigenvector's share changes), and ``x~ q_j`` is a combination of
     (T, 16) products: the first Lanczos product costs one GEMM, not two. Returns (J, D)
     float64 unit rows and their products in ``x``'s dtype."""
+    x, h, bias = product.x, product.h, product.bias
     count, dim = h.shape[1], x.shape[1] + int(bias)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     shared = torch.randn(dim, _RANDOM_RANK, generator=generator, dtype=torch.float64).to(x.device)
@@ -229,10 +240,7 @@ def splitting_first_step(
         x_shared += shared[x.shape[1]].to(x.dtype)
     p = gemm_nt(y, coefficients.to(x.dtype)) + gemm_nt(x_shared, mixing.to(x.dtype))  # x~ q
     p *= h
-    product = gemm_nt(x.T.contiguous() if onednn_applies(x) else x.T, p.T).T
-    if bias:
-        product = torch.cat([product, p.sum(0)[:, None]], 1)
-    return start, product * scale
+    return start, product.inputs_times(p)
 
 
 def _token_ritz(

@@ -669,13 +669,12 @@ def _solve_together(
     """One Lanczos run over the matrices of every problem of ``group``, split back per
     target. The products and start vectors are built here, one group at a time."""
     counts = [p.count for p in group]
+    products = [splitting_matvec(p.x, p.h, p.scale, bias=p.bias) for p in group]
     start = start_product = None
     if max_iter:
-        firsts = [splitting_first_step(p.x, p.h, p.scale, bias=p.bias, seed=p.seed)
-                  for p in group]
+        firsts = [splitting_first_step(product, seed=p.seed) for product, p in zip(products, group)]
         start = torch.cat([q for q, _ in firsts])
-        start_product = torch.cat([product for _, product in firsts])
-    products = [splitting_matvec(p.x, p.h, p.scale, bias=p.bias) for p in group]
+        start_product = torch.cat([sq for _, sq in firsts])
     result = lanczos_smallest(
         stacked_matvec(products, counts), sum(counts), group[0].dim, tol=tol,
         max_iter=max_iter, eigenvectors=eigenvectors, seed=group[0].seed, device=device,
