@@ -64,7 +64,7 @@ def _train_step_seconds(gm, x, y) -> float:
 
 def _onednn_train_step_seconds(gm, x, y) -> tuple[float, str]:
     """The training step again with every float32 GEMM routed through oneDNN, as ``analyze``
-    routes its own (fxgrow/_gemm.py: the eigensolver's and the recording copy's linears):
+    routes its own (fxgrow/passes/analysis/gemm.py: the eigensolver's and the recording copy's linears):
     the like-for-like baseline on a CPU where oneDNN's GEMM is faster than MKL's. PyTorch
     exposes that routing only as oneDNN's bf16 math mode, so the note says whether this
     CPU's results stayed float32-accurate."""

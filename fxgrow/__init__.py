@@ -4,7 +4,7 @@ The pipeline (DESIGN.md section 1): ``trace`` -> ``passes.reduce`` -> train -> `
 -> ``select`` -> ``passes.grow`` -> ``verify`` -> train ...
 """
 
-from . import distributed, models, passes, verify
+from . import inspection, models, passes, verify
 from .errors import (
     AnalysisError,
     CheckpointError,
@@ -20,15 +20,27 @@ from .errors import (
 from .recipes import history, recipe
 from .linears import LinearSite, linear_sites
 from .plan import GrowthPlan
-from .passes.analyze import SplittingReport
+from .passes.analysis import SplittingReport
 from .select import select
-from .scaling import Scaler, ScalingSchedule
 from .tracing import trace
 from .io import load, save
-from .inspect import GraphDiff, Summary, diff, summary
-from .visualize import draw_growth
+from .inspection import GraphDiff, Summary, diff, draw_growth, summary
 
 __version__ = "0.1.0"
+
+# The training side is imported on first use, so that the graph side (tracing, passes,
+# verification, saving) loads without it.
+def __getattr__(name: str):
+    import importlib
+
+    if name == "training":
+        return importlib.import_module(".training", __name__)
+    if name == "distributed":
+        return importlib.import_module(".training.distributed", __name__)
+    if name in ("Scaler", "ScalingSchedule"):
+        return getattr(importlib.import_module(".training", __name__), name)
+    raise AttributeError(f"module 'fxgrow' has no attribute {name!r}")
+
 
 __all__ = [
     "AnalysisError",
@@ -61,5 +73,6 @@ __all__ = [
     "Summary",
     "trace",
     "TraceError",
+    "training",
     "verify",
 ]

@@ -220,7 +220,7 @@ def _example_input(gm, img_size: int | None, batch: int = 1):
 
 
 def _train_config(args: argparse.Namespace):
-    from .train import TrainConfig
+    from .training.trainer import TrainConfig
 
     return TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
@@ -230,7 +230,7 @@ def _train_config(args: argparse.Namespace):
 
 
 def _schedule(args: argparse.Namespace):
-    from .scaling import ScalingSchedule
+    from .training.scaler import ScalingSchedule
 
     if args.budget is None and args.param_target is None:
         raise ScheduleError("give --budget (per round) or --param-target (final params)")
@@ -254,7 +254,7 @@ def _recorded_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _resumed_args(args: argparse.Namespace, run_dir: Path) -> argparse.Namespace:
-    from .runlog import RunDir
+    from .training.rundir import RunDir
 
     saved = RunDir(run_dir, resume=True).config().get("extra", {}).get("cli")
     if saved is None:
@@ -267,8 +267,8 @@ def _resumed_args(args: argparse.Namespace, run_dir: Path) -> argparse.Namespace
 
 def _setup(args: argparse.Namespace, reduced: bool):
     """Data, model and train config for one run (no file written)."""
-    from . import data as data_mod
-    from .train import seed_everything
+    from .training import data as data_mod
+    from .training.trainer import seed_everything
 
     img_size = args.img_size or (32 if args.data == "digits" else 224)
     bundle = data_mod.load(args.data, img_size, seed=args.seed)
@@ -287,8 +287,8 @@ def _setup(args: argparse.Namespace, reduced: bool):
 
 
 def _new_run_dir(args: argparse.Namespace) -> Path:
-    from . import distributed
-    from .runlog import RunDir
+    from .training import distributed
+    from .training.rundir import RunDir
 
     if args.run_dir is None:
         raise ScheduleError("give --run-dir (a new directory) or --resume RUN_DIR")
@@ -299,8 +299,8 @@ def _new_run_dir(args: argparse.Namespace) -> Path:
 
 
 def cmd_scale(args: argparse.Namespace) -> int:
-    from . import distributed
-    from .train import fit
+    from .training import distributed
+    from .training.trainer import fit
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -319,8 +319,8 @@ def cmd_scale(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from . import distributed
-    from .train import fit
+    from .training import distributed
+    from .training.trainer import fit
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -380,7 +380,7 @@ def compare_table(rows: list[dict[str, Any]]) -> str:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from . import load
-    from .inspect import summary
+    from .inspection import summary
 
     gm = load(args.model_dir)
     print(summary(gm, _example_input(gm, args.img_size)))
@@ -411,7 +411,8 @@ def cmd_reduce(args: argparse.Namespace) -> int:
 def cmd_analyze(args: argparse.Namespace) -> int:
     import torch.nn.functional as F
 
-    from . import data as data_mod, load, select
+    from . import load, select
+    from .training import data as data_mod
     from .passes import analyze
 
     gm = load(args.model_dir)
@@ -497,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     import torch.distributed
 
-    from . import distributed
+    from .training import distributed
 
     timeout = args.dist_timeout if args.dist_timeout is not None else distributed.DEFAULT_TIMEOUT
     try:

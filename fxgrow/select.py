@@ -11,7 +11,7 @@ from .errors import AnalysisError
 from .plan import GrowthPlan
 
 if TYPE_CHECKING:
-    from .passes.analyze import SplittingReport
+    from .passes.analysis import SplittingReport
 
 
 def _count(name: str, value: object, *, allow_zero: bool = True) -> int:

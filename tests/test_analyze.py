@@ -13,7 +13,7 @@ from torch.func import functional_call
 import fxgrow
 from fxgrow.errors import AnalysisError
 from fxgrow.passes import analyze, default_targets, grow, splitting_matrices
-from fxgrow.passes.analyze import _Reservoir
+from fxgrow.passes.analysis.splitting import _Reservoir
 
 
 class Tiny(nn.Module):
@@ -361,7 +361,7 @@ def test_summary_and_plot(tmp_path):
 
 
 def test_fast_solves_group_equal_sizes_in_bounded_runs(monkeypatch):
-    module = importlib.import_module("fxgrow.passes.analyze")
+    module = importlib.import_module("fxgrow.passes.analysis.splitting")
     monkeypatch.setattr(module, "_GROUP_ROWS", 1000)
     f32, f64 = torch.float32, torch.float64
     spec = [("a", 385, 576, f32), ("b", 193, 384, f32), ("c", 385, 400, f32),

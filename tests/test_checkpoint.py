@@ -14,12 +14,12 @@ import torch.nn.functional as F
 
 import fxgrow
 import fxgrow.models
-from fxgrow import checkpoint
+from fxgrow.training import checkpoint
 from fxgrow.errors import CheckpointError
-from fxgrow.optim import add_grown_params, group_param_names
+from fxgrow.training.optim import add_grown_params, group_param_names
 from fxgrow.passes import grow
-from fxgrow.runlog import RunDir
-from fxgrow.train import TrainConfig, make_optimizer, make_scheduler
+from fxgrow.training.rundir import RunDir
+from fxgrow.training.trainer import TrainConfig, make_optimizer, make_scheduler
 
 
 KWARGS = {"num_classes": 4, "img_size": 8, "embed_dim": 16, "depth": 1, "num_heads": 2}

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from fxgrow import data
+from fxgrow.training import data
 from fxgrow.errors import DataError
 
 

@@ -89,7 +89,7 @@ def _close(a, b, rtol):
 def test_drop_tail_shards_give_step_k_the_global_batch_k(size, world, local):
     """With tail="drop" and drop_last, step k of the ranks together sees exactly batch k of
     one process with the global batch world * local (the same samples, no padding)."""
-    from fxgrow.data import loader
+    from fxgrow.training.data import loader
 
     dataset = torch.utils.data.TensorDataset(torch.arange(size))
     single = loader(dataset, world * local, seed=3, drop_last=True)
@@ -109,7 +109,7 @@ def test_drop_tail_shards_give_step_k_the_global_batch_k(size, world, local):
 
 @pytest.mark.parametrize("size,world", [(10, 3), (7, 2), (2, 4)])
 def test_uneven_tail_covers_every_sample_once(size, world):
-    from fxgrow.data import EpochSampler
+    from fxgrow.training.data import EpochSampler
 
     shards = [list(EpochSampler(size, 0, shuffle=False, num_replicas=world, rank=r,
                                 tail="uneven")) for r in range(world)]
@@ -123,7 +123,7 @@ def test_uneven_tail_covers_every_sample_once(size, world):
 
 def _global_batches():
     """The first ANALYSIS_BATCHES unshuffled batches of GLOBAL_BATCH digits images."""
-    from fxgrow import data
+    from fxgrow.training import data
 
     bundle = data.digits(img_size=16)
     x, y = bundle.train.tensors
@@ -132,7 +132,7 @@ def _global_batches():
 
 
 def _schedule():
-    from fxgrow.scaling import ScalingSchedule
+    from fxgrow.training.scaler import ScalingSchedule
 
     return ScalingSchedule(warmup_epochs=1, interval=1, end_epoch=1, budget_per_round=6,
                            layer_threshold=1, analysis_batches=ANALYSIS_BATCHES)
@@ -150,8 +150,8 @@ def _worker(out: Path) -> None:
     of the analysis batches, rewrap, take one step on this rank's shard of a batch."""
     from safetensors.torch import save_file
 
-    import fxgrow.distributed as fd
-    from fxgrow.scaling import Scaler
+    import fxgrow.training.distributed as fd
+    from fxgrow.training.scaler import Scaler
 
     torch.set_num_threads(1)
     fd.init_from_env("gloo", timeout=60)
@@ -192,7 +192,7 @@ def scaler_run(tmp_path_factory):
 def test_analysis_and_plan_equal_a_single_process_on_the_global_batch(scaler_run):
     import fxgrow
     from fxgrow.passes import analyze
-    from fxgrow.passes.analyze import SplittingReport
+    from fxgrow.passes.analysis.splitting import SplittingReport
 
     gm = _model()
     reference = analyze(gm, _global_batches(), torch.nn.functional.cross_entropy,
@@ -225,7 +225,7 @@ def test_the_rewrapped_ddp_averages_the_new_parameters_gradients(scaler_run):
     from safetensors.torch import load_file
 
     import fxgrow
-    from fxgrow.optim import add_grown_params
+    from fxgrow.training.optim import add_grown_params
 
     gm = _model()
     optimizer = torch.optim.SGD(gm.parameters(), lr=0.5)
@@ -309,7 +309,7 @@ def _wait(ranks):
 
 def _intact_latest(run_dir, epoch=None, stage=None):
     """The checkpoint LATEST names loads completely (and is the expected one, if given)."""
-    from fxgrow import checkpoint
+    from fxgrow.training import checkpoint
 
     config = json.loads((run_dir / "config.json").read_text())
     ckpt = checkpoint.load(run_dir, config)

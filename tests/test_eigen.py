@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fxgrow.eigen import (
+from fxgrow.passes.analysis.eigen import (
     exact_smallest,
     lanczos_smallest,
     splitting_first_step,

@@ -4,9 +4,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxgrow
-from fxgrow import _gemm
-from fxgrow._gemm import gemm_nt, linear
-from fxgrow.passes.analyze import _recorder, _resolve_targets, splitting_matrices
+from fxgrow.passes.analysis import gemm as _gemm
+from fxgrow.passes.analysis.gemm import gemm_nt, linear
+from fxgrow.passes.analysis.splitting import _recorder, _resolve_targets, splitting_matrices
 
 
 @pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "matmul"])

@@ -8,9 +8,9 @@ import torch
 import fxgrow
 import fxgrow.models
 from fxgrow.errors import FxgrowError
-from fxgrow.inspect import diff, growth, summary
+from fxgrow.inspection.summary import diff, growth, summary
 from fxgrow.passes.grow import grow
-from fxgrow.visualize import draw_growth, growth_nodes
+from fxgrow.inspection.draw import draw_growth, growth_nodes
 
 FC1 = "blocks.0.mlp.fc1"
 QKV = "blocks.1.attn.qkv"

@@ -10,7 +10,7 @@ from timm.optim import create_optimizer_v2
 
 import fxgrow
 from fxgrow.errors import FxgrowError
-from fxgrow.optim import add_grown_params, group_param_names, set_group_params
+from fxgrow.training.optim import add_grown_params, group_param_names, set_group_params
 from fxgrow.passes import grow
 
 

@@ -1,7 +1,7 @@
 """A scaling run killed at random points and resumed ends bitwise equal to an uninterrupted one.
 
 Runs go through the console script in subprocesses, killed with SIGKILL at fault-injection
-hooks (fxgrow.checkpoint.fault_point): right after a growth, in the middle of writing a
+hooks (fxgrow.training.checkpoint.fault_point): right after a growth, in the middle of writing a
 checkpoint, in the middle of an epoch, and between an epoch's checkpoint and its growth.
 """
 

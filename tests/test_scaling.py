@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import fxgrow
 import fxgrow.models
 from fxgrow.errors import ScheduleError
-from fxgrow.scaling import Scaler, ScalingSchedule
+from fxgrow.training.scaler import Scaler, ScalingSchedule
 from fxgrow.verify import count_params
 
 

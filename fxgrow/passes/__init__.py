@@ -1,6 +1,6 @@
 """Graph passes. Each takes a GraphModule and returns a new one; the input is never mutated."""
 
-from .analyze import SplittingReport, analyze, default_targets, splitting_matrices
+from .analysis import SplittingReport, analyze, default_targets, splitting_matrices
 from .grow import grow, grow_lineage
 from .replay import register_replay, registered_passes, replay_history
 from .reduce import ReduceSpec, reduce, replay_reduce

@@ -20,7 +20,7 @@ SIGKILL the ``n``-th time (default 1) execution reaches :func:`fault_point` with
 name; with ``@<rank>`` only the process whose ``RANK`` (torchrun's variable) is ``rank``.
 
 Under torch.distributed every rank holds the same state; rank 0 alone writes (the trainer
-calls :func:`save` through :func:`fxgrow.distributed.on_main`) and every rank loads.
+calls :func:`save` through :func:`fxgrow.training.distributed.on_main`) and every rank loads.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from .errors import CheckpointError, FxgrowError
+from ..errors import CheckpointError, FxgrowError
 
 FORMAT_VERSION = 1
 _DIR = "checkpoints"
@@ -159,7 +159,7 @@ def save(
     """Write a checkpoint atomically and make it the latest; keep the newest ``keep``.
     ``rng_ranks``: every rank's :func:`capture_rng` in a distributed run (rank 0's is also
     saved as ``rng``, which a single process restores)."""
-    from .io import save as save_model
+    from ..io import save as save_model
     from .optim import group_param_names
 
     root = Path(run_dir) / _DIR
@@ -215,7 +215,7 @@ def load(run_dir: str | os.PathLike, config: dict[str, Any]) -> Checkpoint:
         CheckpointError: no checkpoint, a checkpoint of another run config or model, a
             truncated or unreadable file.
     """
-    from .io import load as load_model
+    from ..io import load as load_model
 
     path = latest(run_dir)
     if path is None:

@@ -4,7 +4,7 @@ DESIGN.md section 6), keeping the same optimizer object.
 Drop it into any training loop::
 
     import fxgrow
-    from fxgrow.scaling import Scaler, ScalingSchedule
+    from fxgrow.training.scaler import Scaler, ScalingSchedule
 
     gm = fxgrow.models.tiny_vit(num_classes=10)             # any traced GraphModule
     optimizer = torch.optim.AdamW(gm.parameters(), lr=1e-3)
@@ -24,16 +24,16 @@ most ``end_epoch``. A round runs the splitting analysis (``fxgrow.passes.analyze
 analysis batches, selects a plan (``fxgrow.select``), grows (``fxgrow.passes.grow``), checks
 that the function is preserved - the loss on a fixed batch before and after growth must be
 bitwise equal on the CPU, and ``fxgrow.verify.check_equivalence`` must pass - and adds the
-new parameters to the optimizer (:func:`fxgrow.optim.add_grown_params`). Existing parameters
+new parameters to the optimizer (:func:`fxgrow.training.optim.add_grown_params`). Existing parameters
 and their optimizer state are untouched, so the next step moves them exactly as it would
 have without growth (unless global gradient-norm clipping sees the new gradients).
 
 The scaler holds no random state of its own and does the same on every process. Under
 torch.distributed (docs/distributed.md) each rank passes its own shard of the analysis data:
-the scaler all-gathers the batches (:func:`fxgrow.distributed.gather_batches`), so every rank
+the scaler all-gathers the batches (:func:`fxgrow.training.distributed.gather_batches`), so every rank
 analyses the global batch and selects the plan a single process would, and checks that all
 ranks hold the same plan before growing. Rewrap the grown model with
-:func:`fxgrow.distributed.wrap` (passing the old wrapper).
+:func:`fxgrow.training.distributed.wrap` (passing the old wrapper).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ import torch
 import torch.fx as fx
 
 from . import distributed
-from .errors import EquivalenceError, ScheduleError
+from ..errors import EquivalenceError, ScheduleError
 from .optim import add_grown_params
 
 _METHODS = ("fast", "exact")
@@ -267,9 +267,9 @@ class Scaler:
     def grow_round(self, epoch: int) -> dict[str, Any]:
         """Run one round now (analysis, selection, growth, checks, optimizer surgery) and
         return its record."""
-        from . import select
-        from .passes import analyze, grow
-        from .verify import check_equivalence, count_flops, count_params
+        from .. import select
+        from ..passes import analyze, grow
+        from ..verify import check_equivalence, count_flops, count_params
 
         schedule = self.schedule
         old = self.model

@@ -1,19 +1,19 @@
 """The built-in trainer: AdamW (timm's optimizer factory, which keeps biases and 1-D
 parameters out of weight decay), a per-step warm-up + cosine learning-rate schedule,
 optional label smoothing and gradient clipping, top-1/top-5 evaluation, and growth through
-:class:`fxgrow.scaling.Scaler`. Every epoch and every growth round is checkpointed
-(:mod:`fxgrow.checkpoint`) and logged in the run directory (:mod:`fxgrow.runlog`).
+:class:`fxgrow.training.scaler.Scaler`. Every epoch and every growth round is checkpointed
+(:mod:`fxgrow.training.checkpoint`) and logged in the run directory (:mod:`fxgrow.training.rundir`).
 
 Gradient clipping (``clip_grad``) is by global gradient norm: it is the one setting under
 which growth changes the next step of existing parameters, because the norm then includes
 the new parameters' gradients. Without it, a grown model's existing parameters step
 exactly as the ungrown model's would have.
 
-Determinism: batch order is a function of (seed, epoch) (:class:`fxgrow.data.EpochSampler`)
+Determinism: batch order is a function of (seed, epoch) (:class:`fxgrow.training.data.EpochSampler`)
 and the RNG states are checkpointed, so a run resumed from its run directory ends with the
 same weights and metrics, bit for bit on the CPU, as an uninterrupted one (``time`` excepted).
 
-Under torchrun (:mod:`fxgrow.distributed`, docs/distributed.md) ``batch_size`` stays the
+Under torchrun (:mod:`fxgrow.training.distributed`, docs/distributed.md) ``batch_size`` stays the
 GLOBAL batch: each of the N ranks trains on ``batch_size / N`` samples of it through DDP, so
 step k sees the same samples as step k of a single process, the learning-rate schedule is
 the same, and a run directory can be resumed with any number of processes. Validation is
@@ -36,10 +36,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import checkpoint, data as data_mod, distributed
-from .errors import ScheduleError
-from .recipes import recipe
-from .runlog import RunDir, summary_table
-from .scaling import Scaler, ScalingSchedule
+from ..errors import ScheduleError
+from ..recipes import recipe
+from .rundir import RunDir, summary_table
+from .scaler import Scaler, ScalingSchedule
 
 
 @dataclass
@@ -144,7 +144,7 @@ class _FlopCache:
         self.sample, self.key, self.value = sample, None, 0
 
     def __call__(self, model: fx.GraphModule) -> int:
-        from .verify import count_flops
+        from ..verify import count_flops
 
         if self.key is not model:
             # Forked so that counting (done only when the model changes, so not at the same
@@ -176,7 +176,7 @@ def fit(
     Raises:
         CheckpointError: ``run_dir`` exists without ``resume``; no or a foreign checkpoint.
     """
-    from .verify import count_params
+    from ..verify import count_params
 
     rank, world = distributed.rank_world()
     main = rank == 0

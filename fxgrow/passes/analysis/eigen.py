@@ -12,7 +12,7 @@ Two paths, both batched over the J neurons of a layer:
 
 ``splitting_matvec`` builds the product for splitting matrices of the form
 ``S_j = scale * X^T diag(h_j) X``: ``P = X V^T``, ``R = (H * P)^T X`` (two GEMMs per step,
-through oneDNN for float32: ``fxgrow._gemm``), ``splitting_start`` start vectors for them
+through oneDNN for float32: ``fxgrow.passes.analysis.gemm``), ``splitting_start`` start vectors for them
 from the tokens that dominate every S_j, and ``splitting_first_step`` those starts with
 their random part and their products at the cost of one GEMM. ``stacked_matvec`` joins
 the products of several layers so that one Lanczos run serves them all.
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from scipy.linalg.lapack import dstebz
 
-from ._gemm import gemm_nt, onednn_applies
+from .gemm import gemm_nt, onednn_applies
 
 # Weight of the random part mixed into a given start vector (both unit norm), so that no
 # eigenvector is absent from the start. Small, so that a start which already meets the

@@ -23,7 +23,7 @@ modules' training flags are restored afterwards) and the caller's GraphModule, i
 parameters and their ``.grad`` are left as they were: gradients are taken with
 ``torch.autograd.grad`` with respect to the recorded outputs only. In the recording copy,
 plain linears (``nn.Linear`` modules and ``F.linear`` calls) run through oneDNN's float32
-GEMM where it applies (``fxgrow._gemm``: the same arithmetic, faster on AMD CPUs) and give
+GEMM where it applies (``fxgrow.passes.analysis.gemm``: the same arithmetic, faster on AMD CPUs) and give
 no parameter gradients, which the analysis never asks for.
 """
 
@@ -43,8 +43,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .._gemm import linear as onednn_linear
-from ..eigen import (
+from .gemm import linear as onednn_linear
+from .eigen import (
     EigenResult,
     exact_smallest,
     lanczos_smallest,
@@ -52,9 +52,9 @@ from ..eigen import (
     splitting_matvec,
     stacked_matvec,
 )
-from ..errors import AnalysisError
-from ..linears import FUNCTIONAL_LINEARS, LinearSite, linear_sites
-from ._rebuild import build_graph_module
+from ...errors import AnalysisError
+from ...linears import FUNCTIONAL_LINEARS, LinearSite, linear_sites
+from .._rebuild import build_graph_module
 
 GELU_CURVATURE = math.sqrt(2.0 / math.pi)  # GeLU''(0) = 2 * phi(0)
 _FORMAT = "fxgrow.SplittingReport"
@@ -357,7 +357,7 @@ def _recorder(
 
 def _route_linears_through_onednn(gm: fx.GraphModule, graph: fx.Graph) -> dict[fx.Node, fx.Node]:
     """Make every plain linear of ``graph`` (a copy of ``gm``'s) a call of
-    :func:`fxgrow._gemm.linear`: the same float32 arithmetic through a faster GEMM where
+    :func:`fxgrow.passes.analysis.gemm.linear`: the same float32 arithmetic through a faster GEMM where
     oneDNN is, with no gradient for parameters. Linear subclasses keep their own forward.
     Returns the nodes replaced, each mapped to its replacement."""
     replaced: dict[fx.Node, fx.Node] = {}
@@ -533,9 +533,9 @@ def analyze(
     target, all targets at once) and calls a dense eigensolver; ``"fast"`` keeps a uniform
     reservoir of at most ``reservoir_tokens`` tokens per target (exactly the data when all
     tokens fit; otherwise S_j is estimated from the sample, scaled by tokens / kept) and runs
-    batched Lanczos (:func:`fxgrow.eigen.lanczos_smallest`: residual at most ``tol`` times
+    batched Lanczos (:func:`fxgrow.passes.analysis.eigen.lanczos_smallest`: residual at most ``tol`` times
     the eigenvalue, at most ``max_iter`` steps, started from
-    :func:`fxgrow.eigen.splitting_first_step`) on the implicit product. ``device``: where
+    :func:`fxgrow.passes.analysis.eigen.splitting_first_step`) on the implicit product. ``device``: where
     statistics and eigensolvers live (default: the device of the model's parameters).
 
     The defaults (``tol`` 3e-2, ``max_iter`` 40) are enough for ranking: the eigenvalue

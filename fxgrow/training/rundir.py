@@ -8,7 +8,7 @@
                               statistics, params/FLOPs before and after, loss before and after
                               growth (and their float.hex, which must match), equivalence check
     RUN_DIR/plots/*.png       accuracy, parameters and FLOPs over epochs; eigenvalues per round
-    RUN_DIR/checkpoints/      see fxgrow.checkpoint
+    RUN_DIR/checkpoints/      see fxgrow.training.checkpoint
 
 The JSONL files are rewritten whole (atomically) from the run's state, so after a resume they
 hold exactly the epochs of the checkpoint the run continued from, plus the new ones.
@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 
 def _atomic_write(path: Path, text: str) -> None:

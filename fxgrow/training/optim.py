@@ -33,8 +33,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import FxgrowError
-from .linears import linear_sites
+from ..errors import FxgrowError
+from ..linears import linear_sites
 
 #: d(new neuron's output)/d(parent output) at growth: 1 + GeLU'(0).
 GRADIENT_RATIO = 1.5
@@ -156,7 +156,7 @@ def add_grown_params(
     if init_state not in ("fresh", "parent"):
         raise FxgrowError(f"init_state must be 'fresh' or 'parent', got {init_state!r}")
     if lineage is None:
-        from .passes import grow_lineage
+        from ..passes import grow_lineage
 
         lineage = grow_lineage(model)
     held = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}

@@ -23,8 +23,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from . import recipes
-from .linears import linear_site
+from .. import recipes
+from ..linears import linear_site
 
 # --------------------------------------------------------------------------------- growth
 

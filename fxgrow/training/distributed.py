@@ -31,8 +31,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from . import errors
-from .errors import DataError, FxgrowError
+from .. import errors
+from ..errors import DataError, FxgrowError
 
 T = TypeVar("T")
 

@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING
 import networkx as nx
 import torch.fx as fx
 
-from .errors import FxgrowError
-from .inspect import created_modules
-from .linears import linear_sites
+from ..errors import FxgrowError
+from .summary import created_modules
+from ..linears import linear_sites
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

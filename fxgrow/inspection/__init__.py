@@ -1,0 +1,6 @@
+"""Inspection of graphs: per-node summaries, graph diffs and drawings of grown subgraphs."""
+
+from .draw import draw_growth
+from .summary import GraphDiff, Summary, diff, summary
+
+__all__ = ["diff", "draw_growth", "GraphDiff", "summary", "Summary"]
