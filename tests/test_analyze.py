@@ -13,7 +13,7 @@ from torch.func import functional_call
 import fxgrow
 from fxgrow.errors import AnalysisError
 from fxgrow.passes import analyze, default_targets, grow, splitting_matrices
-from fxgrow.passes.analysis.splitting import _Reservoir
+from fxgrow.passes.analysis.statistics import Reservoir
 
 
 class Tiny(nn.Module):
@@ -320,7 +320,7 @@ def test_reservoir_is_a_uniform_sample_of_the_stream():
     counts = np.zeros(100)
     runs = 1500
     for seed in range(runs):
-        r = _Reservoir(count=1, size=10, device=torch.device("cpu"), seed=(seed, 0))
+        r = Reservoir(count=1, size=10, device=torch.device("cpu"), seed=(seed, 0))
         for start in range(0, 100, 20):  # 5 batches of 20 tokens, ids as the data
             ids = torch.arange(start, start + 20, dtype=torch.float64)[:, None]
             r.add(ids, ids)
@@ -334,7 +334,7 @@ def test_reservoir_is_a_uniform_sample_of_the_stream():
 
 
 def test_reservoir_keeps_a_stream_that_fits_without_copying():
-    r = _Reservoir(count=3, size=50, device=torch.device("cpu"), seed=(0, 0))
+    r = Reservoir(count=3, size=50, device=torch.device("cpu"), seed=(0, 0))
     x, h = torch.randn(20, 4), torch.randn(20, 3)
     r.add(x, h)
     kept_x, kept_h = r.data(4)
@@ -361,13 +361,13 @@ def test_summary_and_plot(tmp_path):
 
 
 def test_fast_solves_group_equal_sizes_in_bounded_runs(monkeypatch):
-    module = importlib.import_module("fxgrow.passes.analysis.splitting")
+    module = importlib.import_module("fxgrow.passes.analysis.solve")
     monkeypatch.setattr(module, "_GROUP_ROWS", 1000)
     f32, f64 = torch.float32, torch.float64
     spec = [("a", 385, 576, f32), ("b", 193, 384, f32), ("c", 385, 400, f32),
             ("d", 385, 300, f32), ("e", 385, 1200, f32), ("f", 385, 10, f64)]
     problems = [
-        module._Problem(t, torch.zeros(3, d - 1, dtype=dt), torch.zeros(3, n), 1.0, True, 0)
+        module.Problem(t, torch.zeros(3, d - 1, dtype=dt), torch.zeros(3, n), 1.0, True, 0)
         for t, d, n, dt in spec
     ]
     groups = [[p.target for p in g] for g in module._groups(problems)]

@@ -6,7 +6,9 @@ from torch import nn
 import fxgrow
 from fxgrow.passes.analysis import gemm as _gemm
 from fxgrow.passes.analysis.gemm import gemm_nt, linear
-from fxgrow.passes.analysis.splitting import _recorder, _resolve_targets, splitting_matrices
+from fxgrow.passes.analysis.recording import recording_copy
+from fxgrow.passes.analysis.splitting import splitting_matrices
+from fxgrow.passes.analysis.targets import resolve_targets
 
 
 @pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "matmul"])
@@ -60,7 +62,7 @@ def test_recording_through_onednn_gives_the_matrices_of_plain_linears(monkeypatc
     gm = fxgrow.models.tiny_vit_reduced(img_size=16)
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(4, 3, 16, 16, generator=g), torch.tensor([0, 1, 2, 3]))]
-    rec, _ = _recorder(gm, _resolve_targets(gm, None, "operator"), "operator")
+    rec, _ = recording_copy(gm, resolve_targets(gm, None, "operator"), "operator")
     calls = [n for n in rec.graph.nodes if n.op in ("call_function", "call_module")]
     assert any(n.target is linear for n in calls)
     assert not any(

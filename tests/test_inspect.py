@@ -8,7 +8,8 @@ import torch
 import fxgrow
 import fxgrow.models
 from fxgrow.errors import FxgrowError
-from fxgrow.inspection.summary import diff, growth, summary
+from fxgrow.inspection.diff import diff
+from fxgrow.inspection.summary import growth, summary
 from fxgrow.passes.grow import grow
 from fxgrow.inspection.draw import draw_growth, growth_nodes
 
