@@ -13,10 +13,10 @@ from typing import Literal
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
-FUNCTIONAL_LINEARS = (F.linear, torch._C._nn.linear)
+from ._ops import FUNCTIONAL_LINEARS, get_attr_value
+
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def evaluate_constant(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
         args = fx.node.map_arg(n.args, run)
         kwargs = fx.node.map_arg(n.kwargs, run)
         if n.op == "get_attr":
-            value = fx.graph_module._get_attr(gm, n.target)
+            value = get_attr_value(gm, n.target)
         elif n.op == "call_function":
             value = n.target(*args, **kwargs)
         elif n.op == "call_method":
@@ -82,7 +82,8 @@ def evaluate_constant(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
     return run(node)
 
 
-def _functional_args(node: fx.Node) -> tuple[fx.Node, object, object]:
+def functional_args(node: fx.Node) -> tuple[fx.Node, object, object]:
+    """``(input, weight, bias)`` of an ``F.linear`` node, wherever they were passed."""
     names = ("input", "weight", "bias")
     args = list(node.args) + [None] * (3 - len(node.args))
     for i, name in enumerate(names):
@@ -99,10 +100,10 @@ def linear_site(gm: fx.GraphModule, node: fx.Node) -> LinearSite | None:
             return None
         return LinearSite(node, node.target, "module", node.args[0], module.weight, None, None)
     if node.op == "call_function" and node.target in FUNCTIONAL_LINEARS:
-        x, weight_arg, bias_arg = _functional_args(node)
+        x, weight_arg, bias_arg = functional_args(node)
         if not isinstance(weight_arg, fx.Node) or weight_arg.op != "get_attr":
             return None  # a weight computed in the graph has no parameter to grow from
-        weight = fx.graph_module._get_attr(gm, weight_arg.target)
+        weight = get_attr_value(gm, weight_arg.target)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             return None
         bias = bias_arg if isinstance(bias_arg, fx.Node) else None

@@ -20,6 +20,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from ._ops import get_attr_value
 from .errors import PlanError
 from .linears import LinearSite, linear_sites
 
@@ -260,7 +261,7 @@ def _missing(gm: fx.GraphModule, target: str, sites: Mapping[str, list[LinearSit
         obj: Any = gm.get_submodule(target)
     except AttributeError:
         try:
-            obj = fx.graph_module._get_attr(gm, target)
+            obj = get_attr_value(gm, target)
         except (AttributeError, AssertionError):  # torch asserts on a missing inner attribute
             obj = None
     if isinstance(obj, nn.Linear):

@@ -14,8 +14,8 @@ import networkx as nx
 import torch.fx as fx
 
 from ..errors import FxgrowError
-from .summary import created_modules
 from ..linears import linear_sites
+from ..passes.grow import created_modules
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -13,32 +13,21 @@ target's neurons each new row copies. From those, per neuron of a target:
 
 from __future__ import annotations
 
-import operator
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
-from .. import recipes
+from .._ops import get_attr_value
 from ..linears import linear_site
+from ..passes.grow import Created, created_modules
+from ..verify.flops import node_flops
 from .diff import callable_name
 
 # --------------------------------------------------------------------------------- growth
-
-
-@dataclass(frozen=True)
-class Created:
-    """One module a grow record created: which target it grew from, from which neurons."""
-
-    name: str
-    target: str
-    indices: tuple[int, ...]  # row i of the new linear copies neuron indices[i] of target
-    role: str
-    round: int  # index of the grow record in the history
 
 
 @dataclass
@@ -83,19 +72,6 @@ class TargetGrowth:
             "max_depth": self.max_depth,
             "depth_histogram": dict(sorted(histogram.items())),
         }
-
-
-def created_modules(gm: fx.GraphModule) -> list[Created]:
-    """Every module the grow records of ``gm``'s history created, oldest first."""
-    out = []
-    for index, record in enumerate(recipes.history(gm)):
-        if record.get("pass") != "grow":
-            continue
-        for name, info in record.get("args", {}).get("created", {}).items():
-            out.append(
-                Created(name, info["target"], tuple(info["indices"]), info.get("role", ""), index)
-            )
-    return out
 
 
 def growth(gm: fx.GraphModule) -> dict[str, TargetGrowth]:
@@ -233,7 +209,7 @@ def summary(gm: fx.GraphModule, inputs: Any) -> Summary:
     restored afterwards; ``gm`` (its graph, node meta, mode and weights) is not changed.
     """
     args = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
-    shapes, values = _ShapeRecorder(gm).collect(*args)
+    shapes, arg_shapes = _ShapeRecorder(gm).collect(*args)
     grown = growth(gm)
     created = {c.name: c for c in created_modules(gm)}
     seen_params: set[int] = set()
@@ -250,7 +226,8 @@ def summary(gm: fx.GraphModule, inputs: Any) -> Summary:
             "target": target,
             "shape": shapes.get(node.name),
             "params": _owned_params(gm, node, seen_params),
-            "flops": _flops(gm, node, values),
+            "flops": node_flops(gm, node, *arg_shapes.get(node.name, ((), {})),
+                                shapes.get(node.name)),
             "grown": entry.neurons_grown if entry else 0,
             "depth": entry.max_depth if entry else 0,
             "grown_from": f"{origin.target} ({origin.role})" if origin else None,
@@ -275,9 +252,10 @@ class _ShapeRecorder(fx.Interpreter):
         return result
 
     def collect(self, *args: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Per node name: the output's shape, and the shapes of its ``(args, kwargs)``."""
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             self.run(*args)
-        return self.shapes, {"args": self.arg_shapes, "out": self.shapes}
+        return self.shapes, self.arg_shapes
 
 
 def _shape_of(value: Any) -> Any:
@@ -296,7 +274,7 @@ def _owned_params(gm: fx.GraphModule, node: fx.Node, seen: set[int]) -> int:
     if node.op == "call_module":
         tensors = list(gm.get_submodule(node.target).parameters())
     elif node.op == "get_attr":
-        value = fx.graph_module._get_attr(gm, node.target)
+        value = get_attr_value(gm, node.target)
         tensors = [value] if isinstance(value, nn.Parameter) else []
     else:
         return 0
@@ -306,52 +284,6 @@ def _owned_params(gm: fx.GraphModule, node: fx.Node, seen: set[int]) -> int:
             seen.add(id(tensor))
             total += tensor.numel()
     return total
-
-
-_MATMULS = {operator.matmul, torch.matmul, torch.bmm, torch.mm, "matmul", "bmm", "mm"}
-_SDPA = {F.scaled_dot_product_attention}
-_LAYER_NORMS = {F.layer_norm, torch.layer_norm}
-
-
-def _flops(gm: fx.GraphModule, node: fx.Node, values: dict[str, Any]) -> int:
-    out = values["out"].get(node.name)
-    if not isinstance(out, tuple) or not all(isinstance(d, int) for d in out):
-        return 0
-    numel = 1
-    for d in out:
-        numel *= d
-    args, kwargs = values["args"].get(node.name, ((), {}))
-    site = linear_site(gm, node) if node.op in ("call_module", "call_function") else None
-    if site is not None:
-        return numel * site.in_features
-    if node.op == "call_module":
-        module = gm.get_submodule(node.target)
-        if isinstance(module, nn.modules.conv._ConvNd):
-            kernel = 1
-            for k in module.kernel_size:
-                kernel *= k
-            return numel * (module.in_channels // module.groups) * kernel
-        if isinstance(module, nn.LayerNorm):
-            return numel * (5 if module.elementwise_affine else 4)
-        return 0
-    if node.op not in ("call_function", "call_method"):
-        return 0
-    fn = node.target
-    if fn in _MATMULS and len(args) >= 2 and args[0] and args[1]:
-        return numel * args[0][-1]
-    if fn in _LAYER_NORMS:
-        weight = args[2] if len(args) > 2 else kwargs.get("weight")
-        return numel * (5 if weight is not None else 4)
-    if fn in _SDPA:
-        q = args[0] if args else kwargs.get("query")
-        k = args[1] if len(args) > 1 else kwargs.get("key")
-        v = args[2] if len(args) > 2 else kwargs.get("value")
-        if not (q and k and v):
-            return 0
-        batch = numel // (out[-2] * out[-1])
-        length, source, e, ev = q[-2], k[-2], q[-1], v[-1]
-        return batch * (length * source * e + length * source * ev)
-    return 0
 
 
 # -------------------------------------------------------------------------------- helpers

@@ -1,7 +1,7 @@
 """Graph passes. Each takes a GraphModule and returns a new one; the input is never mutated."""
 
 from .analysis import SplittingReport, analyze, default_targets, splitting_matrices
-from .grow import grow, grow_lineage
+from .grow import grow, grow_lineage, replay_grow
 from .replay import register_replay, registered_passes, replay_history
 from .reduce import ReduceSpec, reduce, replay_reduce
 from .width_groups import WidthGroup, width_groups
@@ -15,6 +15,7 @@ __all__ = [
     "ReduceSpec",
     "register_replay",
     "registered_passes",
+    "replay_grow",
     "replay_history",
     "replay_reduce",
     "splitting_matrices",

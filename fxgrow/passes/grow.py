@@ -52,6 +52,7 @@ import numbers
 import operator
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -59,11 +60,12 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import PlanError
-from ..linears import LinearSite, _functional_args
+from ..errors import CheckpointError, PlanError
+from ..linears import LinearSite, functional_args
 from ..plan import GrowthPlan
 from ..recipes import history
 from ._rebuild import build_graph_module
+from .replay import register_replay
 
 PASS_NAME = "grow"
 _ROLES = ("plus", "minus", "fused")
@@ -138,6 +140,38 @@ def grow(
     return build_graph_module(gm, graph, new_attrs, record)
 
 
+@dataclass(frozen=True)
+class Created:
+    """One module a grow record created: the target it grew from and from which neurons."""
+
+    name: str
+    target: str
+    indices: tuple[int, ...]  # row i of the new linear copies neuron indices[i] of target
+    role: str  # "plus", "minus" or "fused"
+    bias: bool
+    round: int  # index of the grow record in the history (0 for a lone record)
+
+
+def created_modules(source: fx.GraphModule | Mapping[str, Any]) -> list[Created]:
+    """Every module the grow records of ``source`` created, oldest first. ``source`` is a
+    grown GraphModule (all grow records of its history) or one grow record.
+
+    Raises:
+        PlanError: ``source`` is neither a GraphModule nor a grow record.
+    """
+    if isinstance(source, fx.GraphModule):
+        records = [(i, r) for i, r in enumerate(history(source)) if r.get("pass") == PASS_NAME]
+    elif isinstance(source, Mapping) and source.get("pass") == PASS_NAME:
+        records = [(0, source)]
+    else:
+        raise PlanError("expected a GraphModule or a 'grow' pass record")
+    return [
+        Created(name, info["target"], tuple(info["indices"]), info["role"], info["bias"], index)
+        for index, record in records
+        for name, info in record["args"]["created"].items()
+    ]
+
+
 def grow_lineage(
     source: fx.GraphModule | Mapping[str, Any],
 ) -> dict[str, tuple[str, tuple[int, ...], str, str]]:
@@ -145,20 +179,33 @@ def grow_lineage(
     "weight" | "bias")}``, row i of the parameter having grown from neuron ``indices[i]`` of
     the parent target. ``source`` is a grown GraphModule (all grow records of its history)
     or one grow record."""
-    if isinstance(source, fx.GraphModule):
-        records = [r for r in history(source) if r.get("pass") == PASS_NAME]
-    elif isinstance(source, Mapping) and source.get("pass") == PASS_NAME:
-        records = [source]
-    else:
-        raise PlanError("grow_lineage expects a GraphModule or a 'grow' pass record")
     lineage: dict[str, tuple[str, tuple[int, ...], str, str]] = {}
-    for record in records:
-        for name, info in record["args"]["created"].items():
-            entry = (info["target"], tuple(info["indices"]), info["role"])
-            lineage[f"{name}.weight"] = (*entry, "weight")
-            if info["bias"]:
-                lineage[f"{name}.bias"] = (*entry, "bias")
+    for c in created_modules(source):
+        lineage[f"{c.name}.weight"] = (c.target, c.indices, c.role, "weight")
+        if c.bias:
+            lineage[f"{c.name}.bias"] = (c.target, c.indices, c.role, "bias")
     return lineage
+
+
+def replay_grow(gm: fx.GraphModule, record_args: Mapping[str, Any]) -> fx.GraphModule:
+    """Apply a recorded growth (the ``args`` of a ``grow`` history entry) to ``gm``, and check
+    that it created the modules the record names, so saved weights land where they were.
+
+    Raises:
+        CheckpointError: the replay created other modules than the record names.
+    """
+    result = grow(gm, GrowthPlan.from_dict(record_args["plan"]), scale=record_args["scale"],
+                  mode=record_args["mode"])
+    made = history(result)[-1]["args"]["created"]
+    if sorted(made) != sorted(record_args["created"]):
+        raise CheckpointError(
+            f"replayed growth created {sorted(made)}, the record says "
+            f"{sorted(record_args['created'])}"
+        )
+    return result
+
+
+register_replay(PASS_NAME, replay_grow)
 
 
 def _stem(site: LinearSite) -> str:
@@ -255,7 +302,7 @@ def _rewrite(
     """Insert one pseudo-layer for the linear ``node`` (a node of ``graph``)."""
     # The input is read from the node as it is now: an earlier target in this plan may
     # have redirected it to that target's grown value.
-    x = node.args[0] if kind == "module" else _functional_args(node)[0]
+    x = node.args[0] if kind == "module" else functional_args(node)[0]
     tip = _tip(node)
     with graph.inserting_before(tip.next):
         x_g = graph.call_method("view_as", (x, x))

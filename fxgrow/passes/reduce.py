@@ -23,14 +23,14 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
+from .._ops import LAYER_NORM_FUNCTIONS, get_attr_value, is_attention
 from ..errors import ReduceError
 from ..linears import linear_sites
 from ._rebuild import build_graph_module
 from .replay import register_replay
-from .width_groups import _SDPA, WidthAnalysis, WidthGroup, _Lab, analyse
+from .width_groups import ChannelLabels, WidthAnalysis, WidthGroup, analyse
 
 Width = float | int | None
 
@@ -217,14 +217,14 @@ class _Shapes:
         self.keep_ext = np.append(keep_id.numpy(), True)
         self.cache: dict[int, tuple[list[int], int | None]] = {}
 
-    def of(self, lab: _Lab, old: Sequence[int], where: str) -> tuple[list[int], int | None]:
+    def of(self, lab: ChannelLabels, old: Sequence[int], where: str) -> tuple[list[int], int | None]:
         """(new shape, the dim that changed or None)."""
         if id(lab) not in self.cache:
             self.cache[id(lab)] = self._of(lab, old, where)
         new, dim = self.cache[id(lab)]
         return list(new), dim
 
-    def _of(self, lab: _Lab, old: Sequence[int], where: str) -> tuple[list[int], int | None]:
+    def _of(self, lab: ChannelLabels, old: Sequence[int], where: str) -> tuple[list[int], int | None]:
         ids = lab.ids  # stored compact
         vary = [d for d in range(ids.dim()) if ids.shape[d] > 1]
         new = list(old)
@@ -267,7 +267,7 @@ def _head_dims(analysis: WidthAnalysis, shapes: _Shapes, name: str) -> tuple[int
     """(old, new) size of the innermost channel dim of node ``name``'s labels, if it changes."""
     lab = analysis.labels.get(name)
     old = analysis.meta.get(name)
-    if not isinstance(lab, _Lab) or not isinstance(old, tuple):
+    if not isinstance(lab, ChannelLabels) or not isinstance(old, tuple):
         return None
     new, dim = shapes.of(lab, old, name)
     return None if dim is None else (old[dim], new[dim])
@@ -279,7 +279,7 @@ def _close(a: float, b: float) -> bool:
 
 def _rewrite_scale(node: fx.Node, new_node: fx.Node, analysis: WidthAnalysis, shapes: _Shapes,
                    spec: ReduceSpec) -> None:
-    if node.op == "call_function" and node.target in _SDPA:
+    if is_attention(node):
         q = node.kwargs.get("query", node.args[0] if node.args else None)
         dims = _head_dims(analysis, shapes, q.name) if isinstance(q, fx.Node) else None
         if dims is None:
@@ -340,7 +340,7 @@ def _rewrite_shape_args(node: fx.Node, new_node: fx.Node, analysis: WidthAnalysi
     name = node.target if method else getattr(node.target, "__name__", None)
     if node.op not in ("call_method", "call_function"):
         return
-    if name in ("reshape", "view", "expand") and isinstance(lab, _Lab) and isinstance(old, tuple):
+    if name in ("reshape", "view", "expand") and isinstance(lab, ChannelLabels) and isinstance(old, tuple):
         new, dim = shapes.of(lab, old, node.name)
         if dim is None:
             return
@@ -360,7 +360,7 @@ def _rewrite_shape_args(node: fx.Node, new_node: fx.Node, analysis: WidthAnalysi
         else:
             raise ReduceError(f"node {node.name!r}: cannot rewrite the shape argument of {name}")
         new_node.args = tuple(args)
-    elif name == "unflatten" and isinstance(lab, _Lab) and isinstance(old, tuple):
+    elif name == "unflatten" and isinstance(lab, ChannelLabels) and isinstance(old, tuple):
         new, dim = shapes.of(lab, old, node.name)
         if dim is None:
             return
@@ -373,7 +373,7 @@ def _rewrite_shape_args(node: fx.Node, new_node: fx.Node, analysis: WidthAnalysi
         dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
         sizes_old, sizes_new = [], []
         for part, part_old in zip(lab, old):
-            new = shapes.of(part, part_old, node.name)[0] if isinstance(part, _Lab) else list(part_old)
+            new = shapes.of(part, part_old, node.name)[0] if isinstance(part, ChannelLabels) else list(part_old)
             sizes_old.append(part_old[dim])
             sizes_new.append(new[dim])
         if sizes_new == sizes_old:
@@ -381,10 +381,10 @@ def _rewrite_shape_args(node: fx.Node, new_node: fx.Node, analysis: WidthAnalysi
         args = list(new_node.args)
         args[1] = sizes_new
         new_node.args = tuple(args)
-    elif node.target is F.layer_norm:
+    elif node.op == "call_function" and node.target in LAYER_NORM_FUNCTIONS:
         x = node.args[0]
         x_lab, x_old = analysis.labels.get(x.name), analysis.meta.get(x.name)
-        if not isinstance(x_lab, _Lab) or not isinstance(x_old, tuple):
+        if not isinstance(x_lab, ChannelLabels) or not isinstance(x_old, tuple):
             return
         new, dim = shapes.of(x_lab, x_old, node.name)
         if dim is None:
@@ -459,7 +459,7 @@ def reduce(
     for name in changed_nodes:
         lab, old = analysis.labels.get(name), analysis.meta.get(name)
         for part, part_old in (zip(lab, old) if isinstance(lab, tuple) else [(lab, old)]):
-            if isinstance(part, _Lab) and isinstance(part_old, tuple):
+            if isinstance(part, ChannelLabels) and isinstance(part_old, tuple):
                 shapes.of(part, part_old, name)
 
     graph = fx.Graph()
@@ -533,7 +533,7 @@ def _new_attrs(gm: fx.GraphModule, analysis: WidthAnalysis, keep_id: torch.Tenso
         if bool(kept.all()):
             continue
         owner, _, name = key.rpartition(".")
-        tensor = fx.graph_module._get_attr(gm, key)
+        tensor = get_attr_value(gm, key)
         mask = kept.reshape(tensor.shape)
         index = []
         for d in range(mask.dim()):
@@ -576,7 +576,7 @@ def _sliced_bias(gm: fx.GraphModule, site: Any, row: torch.Tensor) -> dict[str, 
     if bias is None:
         return {}
     if bias.op == "get_attr":
-        tensor = fx.graph_module._get_attr(gm, bias.target)
+        tensor = get_attr_value(gm, bias.target)
         return {bias.target: _like(tensor, _slice(tensor, [row]))}
     if bias.op == "call_function" and bias.target in (torch.cat, torch.concat):
         parts = bias.args[0] if bias.args else bias.kwargs["tensors"]
@@ -585,7 +585,7 @@ def _sliced_bias(gm: fx.GraphModule, site: Any, row: torch.Tensor) -> dict[str, 
             out: dict[str, Any] = {}
             offset = 0
             for part in parts:
-                tensor = fx.graph_module._get_attr(gm, part.target)
+                tensor = get_attr_value(gm, part.target)
                 size = tensor.shape[0]
                 local = row[(row >= offset) & (row < offset + size)] - offset
                 out[part.target] = _like(tensor, _slice(tensor, [local]))

@@ -5,9 +5,8 @@ record back into a call of the pass: ``replayer(gm, args) -> GraphModule``. ``fx
 rebuilds the base model and feeds every record of the saved history through this registry,
 so the structure comes back from data alone (no pickled code); weights are loaded afterwards.
 
-A pass makes itself loadable with ``register_replay("my_pass", fn)`` (or as a decorator), as
-``fxgrow.passes.reduce`` does. ``grow``'s replayer is below: besides replaying the plan it
-checks that the replay created the modules the record names, so weights land where they were.
+A pass makes itself loadable with ``register_replay("my_pass", fn)`` (or as a decorator),
+next to its own definition, as ``fxgrow.passes.reduce`` and ``fxgrow.passes.grow`` do.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ from typing import Any
 
 import torch.fx as fx
 
-from .. import recipes
 from ..errors import CheckpointError
 
 Replayer = Callable[[fx.GraphModule, dict[str, Any]], fx.GraphModule]
@@ -82,16 +80,3 @@ def replay_history(gm: fx.GraphModule, history: Iterable[dict[str, Any]]) -> fx.
             ) from exc
     return gm
 
-
-@register_replay("grow")
-def _replay_grow(gm: fx.GraphModule, args: dict[str, Any]) -> fx.GraphModule:
-    from ..plan import GrowthPlan
-    from .grow import grow
-
-    result = grow(gm, GrowthPlan.from_dict(args["plan"]), scale=args["scale"], mode=args["mode"])
-    made = recipes.history(result)[-1]["args"]["created"]
-    if sorted(made) != sorted(args["created"]):
-        raise CheckpointError(
-            f"replayed growth created {sorted(made)}, the record says {sorted(args['created'])}"
-        )
-    return result

@@ -32,64 +32,45 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from .._ops import (
+    ACTIVATION_FUNCTIONS,
+    ACTIVATION_METHODS,
+    ACTIVATION_MODULES,
+    ATTENTION_FUNCTIONS,
+    CHANNEL_LOCAL_MODULES,
+    CONCATENATIONS,
+    ELEMENTWISE_FUNCTIONS,
+    ELEMENTWISE_METHODS,
+    IDENTITY_METHODS,
+    LAYER_NORM_FUNCTIONS,
+    MATMUL_FUNCTIONS,
+    MATMUL_METHODS,
+    REDUCTION_FUNCTIONS,
+    REDUCTION_METHODS,
+    SHAPE_FUNCTIONS,
+    SHAPE_METHODS,
+    get_attr_value,
+    is_attention,
+    is_matmul,
+)
 from ..errors import ReduceError
 from ..linears import linear_site
 
 
 @dataclass(frozen=True)
-class _Lab:
+class ChannelLabels:
     """Labels of one tensor: ``ids`` has the tensor's shape, -1 where nothing is tracked.
-    ``chan`` is True for linear-channel labels, False for a parameter's own element ids."""
+    ``chan`` is True for linear-channel labels, False for a parameter's own element ids.
+    ``reduce`` reads them to find every tensor's shape once channels are dropped."""
 
     ids: torch.Tensor
     chan: bool
 
 
-_SHAPE_METHODS = {
-    "reshape", "view", "permute", "transpose", "flatten", "unflatten", "unbind", "split",
-    "chunk", "tensor_split", "squeeze", "unsqueeze", "expand", "expand_as", "reshape_as",
-    "view_as", "t", "movedim", "narrow", "select", "repeat", "flip", "roll", "__getitem__",
-}
-_SHAPE_FUNCTIONS = {
-    torch.reshape, torch.permute, torch.transpose, torch.flatten, torch.unflatten, torch.unbind,
-    torch.split, torch.chunk, torch.tensor_split, torch.squeeze, torch.unsqueeze, torch.movedim,
-    torch.narrow, torch.select, torch.flip, torch.roll, torch.t, operator.getitem,
-}
-_IDENTITY_METHODS = {
-    "contiguous", "clone", "detach", "float", "half", "bfloat16", "double", "to", "type",
-    "type_as", "requires_grad_", "cpu", "cuda",
-}
-_ACT_FUNCTIONS = {
-    F.gelu, F.relu, F.silu, F.hardswish, F.hardsigmoid, F.mish, F.elu, F.leaky_relu, F.sigmoid,
-    F.tanh, torch.sigmoid, torch.tanh, torch.relu, F.relu6, F.selu, F.softplus,
-}
-_ACT_METHODS = {"sigmoid", "tanh", "relu", "gelu", "silu"}
-_ELEMENTWISE_FUNCTIONS = {
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.iadd,
-    operator.imul, torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.exp, torch.sqrt,
-    torch.rsqrt, torch.abs, torch.erf, torch.clamp, torch.pow, torch.softmax, F.softmax,
-    F.log_softmax, F.dropout, F.normalize, torch.square,
-}
-_ELEMENTWISE_METHODS = {
-    "add", "sub", "mul", "div", "neg", "exp", "sqrt", "rsqrt", "abs", "erf", "clamp", "pow",
-    "softmax", "log_softmax", "masked_fill", "square", "__add__", "__mul__", "__sub__",
-    "__truediv__", "__radd__", "__rmul__",
-}
-_REDUCTION_METHODS = {"sum", "mean", "amax", "norm", "var", "std", "logsumexp"}
-_REDUCTION_FUNCTIONS = {torch.sum, torch.mean, torch.amax, torch.norm, torch.var, torch.std,
-                        torch.logsumexp}
-_SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
-_MATMULS = {operator.matmul, torch.matmul, torch.bmm}
-_CHANNEL_LOCAL_MODULES = (nn.Dropout, nn.Identity, nn.Softmax, nn.Dropout1d, nn.Dropout2d)
-_ACT_MODULES = (
-    nn.GELU, nn.ReLU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Mish, nn.ELU, nn.LeakyReLU,
-    nn.Sigmoid, nn.Tanh, nn.ReLU6, nn.SELU, nn.Softplus, nn.PReLU,
-)
-
-
-_SAME_SHAPE_MODULES = (*_CHANNEL_LOCAL_MODULES, *_ACT_MODULES, nn.LayerNorm,
+# Ops whose output has the shape of their first input: the run on the meta device skips them.
+_SAME_SHAPE_MODULES = (*CHANNEL_LOCAL_MODULES, *ACTIVATION_MODULES, nn.LayerNorm,
                        nn.modules.batchnorm._BatchNorm)
-_SAME_SHAPE_FUNCTIONS = {F.layer_norm, F.gelu, F.dropout, F.silu, F.relu}
+_SAME_SHAPE_FUNCTIONS = {*LAYER_NORM_FUNCTIONS, *ACTIVATION_FUNCTIONS, F.dropout}
 
 
 def _varies(ids: torch.Tensor, dim: int) -> bool:
@@ -160,7 +141,7 @@ class WidthAnalysis:
 
     gm: fx.GraphModule
     groups: list[WidthGroup]
-    labels: dict[str, Any]  # node name -> _Lab | tuple | None
+    labels: dict[str, Any]  # node name -> ChannelLabels | tuple | None
     meta: dict[str, Any]  # node name -> example shape (tensors) or plain value (sizes)
     class_of: np.ndarray  # label id -> class id
     ranges: dict[str, tuple[int, int, str]]  # producer target or param path -> (start, end, kind)
@@ -234,7 +215,7 @@ class _Labeller(fx.Interpreter):
         for other in nodes[1:]:
             self.edges.append((nodes[0], other))
 
-    def _tie(self, lab: _Lab, reason: str) -> None:
+    def _tie(self, lab: ChannelLabels, reason: str) -> None:
         ids = compact(lab.ids)
         ids = ids[ids >= 0].unique()
         if ids.numel():
@@ -259,7 +240,7 @@ class _Labeller(fx.Interpreter):
         except Exception as exc:  # a label op the value op accepted: treat as a hard tie
             for arg in _node_args(n):
                 lab_in = self._lab(arg)
-                if isinstance(lab_in, _Lab) and lab_in.chan:
+                if isinstance(lab_in, ChannelLabels) and lab_in.chan:
                     self._tie(lab_in, f"node {n.name!r} ({_describe(n)}) could not be followed: {exc}")
             lab = None
         if lab is not None:
@@ -268,15 +249,13 @@ class _Labeller(fx.Interpreter):
             if not self._explicit_edges(n):
                 # a channel-local op: its output carries its inputs' channels
                 for arg in _node_args(n):
-                    if isinstance(self.labels.get(arg.name), (_Lab, tuple)):
+                    if isinstance(self.labels.get(arg.name), (ChannelLabels, tuple)):
                         self.edges.append((n.name, arg.name))
         self.meta[n.name] = _shapes(result)
         return result
 
     def _explicit_edges(self, n: fx.Node) -> bool:
-        if n.op == "call_function" and (n.target in _MATMULS or n.target in _SDPA):
-            return True
-        if n.op == "call_method" and n.target in ("matmul", "bmm"):
+        if is_matmul(n) or is_attention(n):
             return True
         return linear_site(self.module, n) is not None
 
@@ -284,7 +263,7 @@ class _Labeller(fx.Interpreter):
         for arg in _node_args(n):
             lab = self._lab(arg)
             for item in (lab if isinstance(lab, tuple) else (lab,)):
-                if isinstance(item, _Lab) and item.chan:
+                if isinstance(item, ChannelLabels) and item.chan:
                     self._tie(item, f"{why} at node {n.name!r} ({_describe(n)})")
 
     def _label(self, n: fx.Node, result: Any) -> Any:
@@ -298,52 +277,52 @@ class _Labeller(fx.Interpreter):
                 return None
             if all(_is_weight_of(n, user, self.module) for user in n.users):
                 return None  # a functional linear's weight: its rows are the linear's channels
-            frozen = not isinstance(fx.graph_module._get_attr(self.module, n.target), nn.Parameter)
+            frozen = not isinstance(get_attr_value(self.module, n.target), nn.Parameter)
             ids = self._alloc(n.target, result.shape, "frozen" if frozen else "param")
             if frozen:
                 self.frozen.add(n.target)
                 self.ties.append((ids.reshape(-1), (
                     f"fixed by frozen tensor {n.target!r} of shape {tuple(result.shape)} "
                     f"(get_attr node {n.name!r})")))
-            return _Lab(ids, chan=False)
+            return ChannelLabels(ids, chan=False)
         site = linear_site(self.module, n)
         if site is not None:
             return self._linear(n, site, result)
         in_labs = [self._lab(a) for a in _node_args(n)]
-        if not any(isinstance(x, (_Lab, tuple)) for x in in_labs):
+        if not any(isinstance(x, (ChannelLabels, tuple)) for x in in_labs):
             return None
         if n.op == "call_module":
             return self._module(n, self.module.get_submodule(n.target), result)
         target = n.target
         if n.op == "call_method":
-            if target in _IDENTITY_METHODS:
+            if target in IDENTITY_METHODS:
                 return self._lab(n.args[0])
-            if target in _SHAPE_METHODS:
+            if target in SHAPE_METHODS:
                 return self._shape_op(n, result, method=True)
-            if target in _ELEMENTWISE_METHODS or target in _ACT_METHODS:
-                if target in _ACT_METHODS:
+            if target in ELEMENTWISE_METHODS or target in ACTIVATION_METHODS:
+                if target in ACTIVATION_METHODS:
                     self._mark(n.name, "act")
                 return self._elementwise(n, result)
-            if target in _REDUCTION_METHODS:
+            if target in REDUCTION_METHODS:
                 return self._reduction(n, result)
-            if target in ("matmul", "bmm"):
+            if target in MATMUL_METHODS:
                 return self._matmul(n, result)
         elif n.op == "call_function":
-            if target in _SHAPE_FUNCTIONS:
+            if target in SHAPE_FUNCTIONS:
                 return self._shape_op(n, result, method=False)
-            if target in _ACT_FUNCTIONS or target in _ELEMENTWISE_FUNCTIONS:
-                if target in _ACT_FUNCTIONS:
+            if target in ACTIVATION_FUNCTIONS or target in ELEMENTWISE_FUNCTIONS:
+                if target in ACTIVATION_FUNCTIONS:
                     self._mark(n.name, "act")
                 return self._elementwise(n, result)
-            if target in _REDUCTION_FUNCTIONS:
+            if target in REDUCTION_FUNCTIONS:
                 return self._reduction(n, result)
-            if target in _MATMULS:
+            if target in MATMUL_FUNCTIONS:
                 return self._matmul(n, result)
-            if target in _SDPA:
+            if target in ATTENTION_FUNCTIONS:
                 return self._sdpa(n, result)
-            if target in (torch.cat, torch.concat, torch.stack):
+            if target in CONCATENATIONS:
                 return self._cat(n, result)
-            if target is F.layer_norm:
+            if target in LAYER_NORM_FUNCTIONS:
                 return self._layer_norm(n, result)
         if not _holds_tensor(result):
             return None  # x.shape, x.size(-1), ...: reading a shape does not tie a width
@@ -351,9 +330,9 @@ class _Labeller(fx.Interpreter):
         return None
 
     # -- handlers ----------------------------------------------------------------------------
-    def _linear(self, n: fx.Node, site: Any, result: torch.Tensor) -> _Lab:
+    def _linear(self, n: fx.Node, site: Any, result: torch.Tensor) -> ChannelLabels:
         lab_in = self._lab(site.input)
-        if isinstance(lab_in, _Lab) and lab_in.chan:
+        if isinstance(lab_in, ChannelLabels) and lab_in.chan:
             ids = lab_in.ids
             if any(_varies(ids, d) for d in range(ids.dim() - 1)):
                 self._tie(lab_in, f"linear {site.target!r} (node {n.name!r}) mixes channels "
@@ -363,16 +342,16 @@ class _Labeller(fx.Interpreter):
                 self.consumers.append(_Consumer(site.input.name, site.target, columns))
         ids = self._alloc(site.target, (site.out_features,), "producer")
         self.producer_nodes.setdefault(site.target, []).append(n.name)
-        return _Lab(ids.expand(result.shape), chan=True)
+        return ChannelLabels(ids.expand(result.shape), chan=True)
 
     def _module(self, n: fx.Node, module: nn.Module, result: Any) -> Any:
         lab = self._lab(n.args[0]) if n.args else None
-        if not isinstance(lab, _Lab) or not lab.chan:
+        if not isinstance(lab, ChannelLabels) or not lab.chan:
             return None
-        if isinstance(module, _ACT_MODULES):
+        if isinstance(module, ACTIVATION_MODULES):
             self._mark(n.name, "act")
             return lab
-        if isinstance(module, _CHANNEL_LOCAL_MODULES):
+        if isinstance(module, CHANNEL_LOCAL_MODULES):
             return lab
         if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
             k = len(module.normalized_shape)
@@ -385,8 +364,8 @@ class _Labeller(fx.Interpreter):
         self._tie(lab, f"used by module {n.target!r} ({type(module).__name__}) at node {n.name!r}")
         return None
 
-    def _norm(self, n: fx.Node, lab: _Lab, params: dict[str, Any], owner: str,
-              dims: list[int]) -> _Lab:
+    def _norm(self, n: fx.Node, lab: ChannelLabels, params: dict[str, Any], owner: str,
+              dims: list[int]) -> ChannelLabels:
         ids = lab.ids
         for name, tensor in params.items():
             if tensor is None:
@@ -400,7 +379,7 @@ class _Labeller(fx.Interpreter):
 
     def _layer_norm(self, n: fx.Node, result: torch.Tensor) -> Any:
         lab = self._lab(n.args[0])
-        if not isinstance(lab, _Lab) or not lab.chan:
+        if not isinstance(lab, ChannelLabels) or not lab.chan:
             return None
         args = list(n.args) + [None] * (5 - len(n.args))
         for i, key in enumerate(("input", "normalized_shape", "weight", "bias", "eps")):
@@ -408,7 +387,7 @@ class _Labeller(fx.Interpreter):
                 args[i] = n.kwargs[key]
         for arg in (args[2], args[3]):
             plab = self._lab(arg)
-            if isinstance(plab, _Lab):
+            if isinstance(plab, ChannelLabels):
                 self._union(lab.ids, plab.ids, [n.name, arg.name])
         return lab
 
@@ -418,7 +397,7 @@ class _Labeller(fx.Interpreter):
         if isinstance(value, torch.Tensor) and value.is_meta:
             if arg.op != "get_attr":
                 raise _NeedsRealValues(arg.name)
-            value = fx.graph_module._get_attr(self.module, arg.target)
+            value = get_attr_value(self.module, arg.target)
         return value
 
     def _shape_op(self, n: fx.Node, result: Any, method: bool) -> Any:
@@ -436,8 +415,8 @@ class _Labeller(fx.Interpreter):
         else:
             out = n.target(first.ids, *rest, **kwargs)
         if isinstance(out, torch.Tensor):
-            return _Lab(out, first.chan)
-        return tuple(_Lab(o, first.chan) for o in out)
+            return ChannelLabels(out, first.chan)
+        return tuple(ChannelLabels(o, first.chan) for o in out)
 
     def _elementwise(self, n: fx.Node, result: Any) -> Any:
         if not isinstance(result, torch.Tensor):
@@ -448,15 +427,15 @@ class _Labeller(fx.Interpreter):
             if not isinstance(value, torch.Tensor):
                 continue
             lab = self._lab(arg)
-            if isinstance(lab, _Lab) and lab.chan:
+            if isinstance(lab, ChannelLabels) and lab.chan:
                 chans.append((arg, lab))
-            elif isinstance(lab, _Lab):
+            elif isinstance(lab, ChannelLabels):
                 params.append((arg, lab))
             else:
                 acts.append(value)
         if not chans:
             if params and not acts:
-                return _Lab(params[0][1].ids.expand(result.shape), False)
+                return ChannelLabels(params[0][1].ids.expand(result.shape), False)
             return None
         base_node, base = chans[0]
         out = base.ids.expand(result.shape)
@@ -471,11 +450,11 @@ class _Labeller(fx.Interpreter):
                     self._tie(lab, f"combined with a tensor outside the group (residual stream?) "
                                    f"at node {n.name!r} ({_describe(n)})")
                 return None  # tied channels are not narrowed: stop following them
-        return _Lab(out, True)
+        return ChannelLabels(out, True)
 
     def _reduction(self, n: fx.Node, result: Any) -> Any:
         lab = self._lab(n.args[0])
-        if not isinstance(lab, _Lab) or not lab.chan or not isinstance(result, torch.Tensor):
+        if not isinstance(lab, ChannelLabels) or not lab.chan or not isinstance(result, torch.Tensor):
             return None
         dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else None)
         keepdim = n.kwargs.get("keepdim", n.args[2] if len(n.args) > 2 else False)
@@ -489,7 +468,7 @@ class _Labeller(fx.Interpreter):
             return None
         out = torch.amax(lab.ids, dim=tuple(dims), keepdim=bool(keepdim))
         self.edges.append((n.name, n.args[0].name))
-        return _Lab(out, True)
+        return ChannelLabels(out, True)
 
     def _matmul(self, n: fx.Node, result: torch.Tensor) -> Any:
         a_node, b_node = n.args[0], n.args[1]
@@ -498,8 +477,8 @@ class _Labeller(fx.Interpreter):
             self._tie_inputs(n, "used by a matmul fxgrow cannot follow")
             return None
         la, lb = self._lab(a_node), self._lab(b_node)
-        la = la if isinstance(la, _Lab) and la.chan else None
-        lb = lb if isinstance(lb, _Lab) and lb.chan else None
+        la = la if isinstance(la, ChannelLabels) and la.chan else None
+        lb = lb if isinstance(lb, ChannelLabels) and lb.chan else None
         batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
         ea = la.ids.expand(*batch, *a.shape[-2:]) if la else None
         eb = lb.ids.expand(*batch, *b.shape[-2:]) if lb else None
@@ -529,23 +508,23 @@ class _Labeller(fx.Interpreter):
                 self._tie(la, f"scales value channels per head at matmul node {n.name!r}")
                 self._mark(b_node.name, "attn")
                 self.edges.append((n.name, b_node.name))
-                return _Lab(b_out.expand(result.shape), True)
+                return ChannelLabels(b_out.expand(result.shape), True)
             if a_rows:
                 self._tie(lb, f"scales channels per head at matmul node {n.name!r}")
                 self.edges.append((n.name, a_node.name))
-                return _Lab(a_out.expand(result.shape), True)
+                return ChannelLabels(a_out.expand(result.shape), True)
             self._union(a_out[..., :1, :1], b_out[..., :1, :1], [n.name, a_node.name, b_node.name])
-            return _Lab(a_out.expand(result.shape), True)
+            return ChannelLabels(a_out.expand(result.shape), True)
         if b_out is not None:
             if _varies(b_out, -1):
                 self._mark(b_node.name, "attn")
             self.edges.append((n.name, b_node.name))
-            return _Lab(b_out.expand(result.shape), True)
+            return ChannelLabels(b_out.expand(result.shape), True)
         if a_out is not None:
             if _varies(a_out, -2):
                 self._mark(a_node.name, "attn")
             self.edges.append((n.name, a_node.name))
-            return _Lab(a_out.expand(result.shape), True)
+            return ChannelLabels(a_out.expand(result.shape), True)
         return None
 
     def _sdpa(self, n: fx.Node, result: torch.Tensor) -> Any:
@@ -554,7 +533,7 @@ class _Labeller(fx.Interpreter):
         labs = []
         for node in nodes:
             lab = self._lab(node)
-            labs.append(lab if isinstance(lab, _Lab) and lab.chan else None)
+            labs.append(lab if isinstance(lab, ChannelLabels) and lab.chan else None)
         lq, lk, lv = labs
         q, k = self.env[nodes[0]], self.env[nodes[1]]
         batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
@@ -577,22 +556,22 @@ class _Labeller(fx.Interpreter):
             self._tie(lq or lk, f"query/key meet a tensor outside the group at node {n.name!r}")
         for arg in [*n.args[3:], n.kwargs.get("attn_mask")]:
             lab = self._lab(arg)
-            if isinstance(lab, _Lab) and lab.chan:
+            if isinstance(lab, ChannelLabels) and lab.chan:
                 self._tie(lab, f"used as an attention mask at node {n.name!r}")
         if lv is None:
             return None
         self._mark(nodes[2].name, "attn")
         self.edges.append((n.name, nodes[2].name))
-        return _Lab(lv.ids[..., :1, :].expand(result.shape), True)
+        return ChannelLabels(lv.ids[..., :1, :].expand(result.shape), True)
 
     def _cat(self, n: fx.Node, result: torch.Tensor) -> Any:
         tensors = n.args[0] if n.args else n.kwargs["tensors"]
         dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
         labs = [self._lab(t) for t in tensors]
-        chans = [lab for lab in labs if isinstance(lab, _Lab) and lab.chan]
+        chans = [lab for lab in labs if isinstance(lab, ChannelLabels) and lab.chan]
         if not chans:
-            if all(isinstance(lab, _Lab) for lab in labs):
-                return _Lab(n.target([lab.ids for lab in labs], dim), False)
+            if all(isinstance(lab, ChannelLabels) for lab in labs):
+                return ChannelLabels(n.target([lab.ids for lab in labs], dim), False)
             return None
         if len(chans) != len(labs):
             for lab in chans:
@@ -601,11 +580,11 @@ class _Labeller(fx.Interpreter):
         for t in tensors:
             self.edges.append((n.name, t.name))
         if n.target is torch.stack or any(_varies(lab.ids, dim) for lab in chans):
-            return _Lab(n.target([lab.ids for lab in labs], dim), True)
+            return ChannelLabels(n.target([lab.ids for lab in labs], dim), True)
         first = chans[0].ids.narrow(dim, 0, 1)
         for lab in chans[1:]:
             self._union(first, lab.ids.narrow(dim, 0, 1), [n.name])
-        return _Lab(first.expand(result.shape), True)
+        return ChannelLabels(first.expand(result.shape), True)
 
 
 def _broadcast_varies(ids: torch.Tensor, other_shape: Sequence[int]) -> bool:
@@ -626,14 +605,14 @@ def _node_args(n: fx.Node) -> list[fx.Node]:
 def _compact_lab(lab: Any) -> Any:
     if isinstance(lab, tuple):
         return tuple(_compact_lab(x) for x in lab)
-    return _Lab(compact(lab.ids), lab.chan) if isinstance(lab, _Lab) else lab
+    return ChannelLabels(compact(lab.ids), lab.chan) if isinstance(lab, ChannelLabels) else lab
 
 
 def _expand(lab: Any, shape: Any) -> Any:
     if isinstance(lab, tuple):
         return tuple(_expand(x, s) for x, s in zip(lab, shape))
-    if isinstance(lab, _Lab) and isinstance(shape, tuple):
-        return _Lab(lab.ids.expand(shape), lab.chan)
+    if isinstance(lab, ChannelLabels) and isinstance(shape, tuple):
+        return ChannelLabels(lab.ids.expand(shape), lab.chan)
     return lab
 
 
@@ -645,7 +624,7 @@ def _is_weight_of(node: fx.Node, user: fx.Node, gm: fx.GraphModule) -> bool:
 def _is_chan(lab: Any) -> bool:
     if isinstance(lab, tuple):
         return any(_is_chan(x) for x in lab)
-    return isinstance(lab, _Lab) and lab.chan
+    return isinstance(lab, ChannelLabels) and lab.chan
 
 
 def _shapes(value: Any) -> Any:
@@ -795,7 +774,7 @@ def analyse(gm: fx.GraphModule, example_inputs: Sequence[Any] | None = None) -> 
         key = torch.zeros(len(classes), dtype=torch.int64)
         for name in component:
             lab = labeller.labels.get(name)
-            if not isinstance(lab, _Lab) or not lab.chan:
+            if not isinstance(lab, ChannelLabels) or not lab.chan:
                 continue
             ids = compact(lab.ids)
             vary = [d for d in range(ids.dim()) if ids.shape[d] > 1]

@@ -47,14 +47,19 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .._ops import LAYER_NORM_FUNCTIONS, PRODUCT_OPERATORS, is_attention, is_matmul
 from ..errors import FxgrowError
+from ..linears import linear_site
 
 __all__ = [
     "ZERO_COST_OPS",
     "FlopCrossCheck",
     "FlopReport",
+    "attention_flops",
     "count_flops",
     "cross_check_flops",
+    "node_flops",
+    "product_flops",
     "torch_flops",
 ]
 
@@ -81,45 +86,37 @@ ZERO_COST_OPS: frozenset[str] = frozenset(
     ).split()
 )
 
-# Products fvcore and torch.utils.flop_counter both count; norms and the few elementwise
-# estimates fvcore adds are outside this set and excluded from the cross-check.
-_CONTRACTIONS = frozenset(
-    {
-        "linear",
-        "addmm",
-        "mm",
-        "matmul",
-        "bmm",
-        "baddbmm",
-        "conv",
-        "einsum",
-        "scaled_dot_product_attention",
-    }
-)
-
-
 def _shape(value: Any) -> list[int]:
     if not value.isCompleteTensor():
         raise FxgrowError(f"count_flops: an operand of {value.node().kind()} has no known shape")
     return list(value.type().sizes())
 
 
+def product_flops(output: Sequence[int], first: Sequence[int]) -> int:
+    """matmul / mm / bmm of output shape ``output`` whose first operand has shape ``first``:
+    every output element is a dot product over that operand's last dimension. Correct under
+    broadcasting, unlike fvcore's default for matmul, which counts the first operand's
+    elements and undercounts a broadcast first operand."""
+    return math.prod(output) * first[-1]
+
+
+def attention_flops(query: Sequence[int], key: Sequence[int], output: Sequence[int]) -> int:
+    """``scaled_dot_product_attention`` with q ``(..., L, E)``, k ``(..., S, E)`` and output
+    ``(..., L, Ev)``: ``L*S*E`` for ``q k^T`` plus ``L*S*Ev`` for the product with v, per
+    batch-and-head element."""
+    return math.prod(output[:-2]) * output[-2] * key[-2] * (query[-1] + output[-1])
+
+
 def _product_flops(inputs: list[Any], outputs: list[Any]) -> int:
-    """matmul / mm / bmm: every output element is a dot product over the first operand's last
-    dimension. Correct under broadcasting, unlike fvcore's default for matmul, which counts
-    the first operand's elements and undercounts a broadcast first operand."""
-    return math.prod(_shape(outputs[0])) * _shape(inputs[0])[-1]
+    return product_flops(_shape(outputs[0]), _shape(inputs[0]))
 
 
 def _baddbmm_flops(inputs: list[Any], outputs: list[Any]) -> int:
-    return math.prod(_shape(outputs[0])) * _shape(inputs[1])[-1]
+    return product_flops(_shape(outputs[0]), _shape(inputs[1]))
 
 
 def _sdpa_flops(inputs: list[Any], outputs: list[Any]) -> int:
-    query, key = _shape(inputs[0]), _shape(inputs[1])
-    out = _shape(outputs[0])
-    length, value_dim = out[-2], out[-1]
-    return math.prod(out[:-2]) * length * key[-2] * (query[-1] + value_dim)
+    return attention_flops(_shape(inputs[0]), _shape(inputs[1]), _shape(outputs[0]))
 
 
 _HANDLES = {
@@ -310,6 +307,40 @@ def count_flops(model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor])
     )
 
 
+def node_flops(gm: fx.GraphModule, node: fx.Node, args: Any, kwargs: Any, output: Any) -> int:
+    """Flops of one node of ``gm`` on :func:`count_flops`'s convention, from the shapes of its
+    positional and keyword arguments (``args``, ``kwargs``: a shape where the argument is a
+    tensor) and of its ``output``: linears, convolutions, matrix products, attention and layer
+    norms (5 flops per element, 4 without affine); every other node costs 0. Summed over a
+    graph's nodes it gives ``count_flops(gm, inputs).total`` for the graphs fxgrow builds;
+    ``fxgrow.summary`` tabulates it per node."""
+    if not isinstance(output, tuple) or not all(isinstance(d, int) for d in output):
+        return 0
+    numel = math.prod(output)
+    site = linear_site(gm, node) if node.op in ("call_module", "call_function") else None
+    if site is not None:
+        return numel * site.in_features
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if isinstance(module, nn.modules.conv._ConvNd):
+            return numel * (module.in_channels // module.groups) * math.prod(module.kernel_size)
+        if isinstance(module, nn.LayerNorm):
+            return numel * (5 if module.elementwise_affine else 4)
+        return 0
+    if is_matmul(node):
+        first = args[0] if args else None
+        return product_flops(output, first) if first and len(args) >= 2 and args[1] else 0
+    if node.op == "call_function" and node.target in LAYER_NORM_FUNCTIONS:
+        weight = args[2] if len(args) > 2 else kwargs.get("weight")
+        return numel * (5 if weight is not None else 4)
+    if is_attention(node):
+        query = args[0] if args else kwargs.get("query")
+        key = args[1] if len(args) > 1 else kwargs.get("key")
+        value = args[2] if len(args) > 2 else kwargs.get("value")
+        return attention_flops(query, key, output) if query and key and value else 0
+    return 0
+
+
 def _cpu_fused_attention_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
     from torch.utils.flop_counter import sdpa_flop_count
 
@@ -372,7 +403,7 @@ def cross_check_flops(
     """Count ``model(*inputs)`` with both fvcore (:func:`count_flops`) and
     ``torch.utils.flop_counter`` (:func:`torch_flops`) on the same convention."""
     report = count_flops(model, inputs)
-    products = sum(v for op, v in report.by_operator.items() if op in _CONTRACTIONS)
+    products = sum(v for op, v in report.by_operator.items() if op in PRODUCT_OPERATORS)
     return FlopCrossCheck(
         fvcore=products,
         torch=torch_flops(model, inputs),

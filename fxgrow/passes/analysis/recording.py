@@ -18,7 +18,8 @@ import torch.fx as fx
 from torch import nn
 
 from ...errors import AnalysisError
-from ...linears import FUNCTIONAL_LINEARS, LinearSite
+from ..._ops import FUNCTIONAL_LINEARS
+from ...linears import LinearSite
 from .._rebuild import build_graph_module
 from .gemm import linear as onednn_linear
 from .statistics import ExactSums, Reservoir

@@ -8,31 +8,10 @@ from collections.abc import Callable, Iterable
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
-from torch import nn
 
+from ..._ops import ACTIVATION_FUNCTIONS, ACTIVATION_METHODS, ACTIVATION_MODULES
 from ...errors import AnalysisError
 from ...linears import LinearSite, linear_sites
-
-_ACTIVATION_MODULES: tuple[type[nn.Module], ...] = (
-    nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Softplus, nn.ELU, nn.Mish, nn.ReLU, nn.LeakyReLU,
-)
-_ACTIVATION_FUNCTIONS: tuple[Callable, ...] = (
-    F.gelu, F.silu, F.mish, F.softplus, F.elu, F.relu, F.leaky_relu, torch.tanh,
-    torch.sigmoid, torch.relu, F.sigmoid, F.tanh,
-)
-_ACTIVATION_METHODS = ("gelu", "tanh", "sigmoid", "relu")
-try:  # timm's own activation modules (GELU, GELUTanh, QuickGELU, ...) are elementwise too
-    from timm.layers import activations as _timm_act
-
-    _ACTIVATION_MODULES += tuple(
-        getattr(_timm_act, name)
-        for name in ("GELU", "GELUTanh", "QuickGELU", "Swish", "Mish", "Sigmoid", "Tanh")
-        if hasattr(_timm_act, name)
-    )
-except ImportError:  # pragma: no cover - timm is a dependency
-    pass
-
 
 
 def _reaches_output_directly(node: fx.Node, linear_nodes: set[fx.Node]) -> bool:
@@ -64,11 +43,11 @@ def elementwise_activation(gm: fx.GraphModule, site: LinearSite) -> tuple[fx.Nod
         return None
     if act.op == "call_module":
         module = gm.get_submodule(act.target)
-        if isinstance(module, _ACTIVATION_MODULES) and not rest and not act.kwargs:
+        if isinstance(module, ACTIVATION_MODULES) and not rest and not act.kwargs:
             return act, module
-    elif act.op == "call_function" and act.target in _ACTIVATION_FUNCTIONS:
+    elif act.op == "call_function" and act.target in ACTIVATION_FUNCTIONS:
         return act, functools.partial(_call_first, act.target, rest, dict(act.kwargs))
-    elif act.op == "call_method" and act.target in _ACTIVATION_METHODS:
+    elif act.op == "call_method" and act.target in ACTIVATION_METHODS:
         return act, functools.partial(_call_method, act.target, rest, dict(act.kwargs))
     return None
 
