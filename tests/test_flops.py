@@ -18,39 +18,9 @@ from fxgrow.verify import (
     params_by_module,
     torch_flops,
 )
+from helpers import vit_flops, vit_params
 
 # ---------------------------------------------------------------- closed forms (from dims)
-
-
-def vit_params(*, patch_in, d, tokens, depth, qkv_out, attn_dim, hidden, classes):
-    """timm VisionTransformer with a class token, learned pos embed, pre-norm blocks."""
-    patch = patch_in * d + d
-    cls_pos = d + tokens * d
-    block = (
-        2 * d  # norm1
-        + d * qkv_out + qkv_out  # qkv
-        + attn_dim * d + d  # proj
-        + 2 * d  # norm2
-        + d * hidden + hidden  # fc1
-        + hidden * d + d  # fc2
-    )
-    return patch + cls_pos + depth * block + 2 * d + d * classes + classes
-
-
-def vit_flops(*, batch=1, patch_in, d, tokens, depth, qkv_out, attn_dim, hidden, classes):
-    """One multiply-add = one flop; attention's q k^T and AV products counted; layer norms at
-    fvcore's 5 flops per element (affine); elementwise ops free; head on the class token."""
-    n = tokens
-    norm = 5 * n * d
-    block = (
-        n * d * qkv_out  # qkv
-        + 2 * n * n * attn_dim  # q k^T and attn @ v, all heads
-        + n * attn_dim * d  # proj
-        + 2 * n * d * hidden  # fc1 and fc2
-        + 2 * norm
-    )
-    per_image = (n - 1) * patch_in * d + depth * block + norm + d * classes
-    return batch * per_image
 
 
 TINY = dict(patch_in=3 * 4 * 4, d=64, tokens=65, depth=4, qkv_out=192, attn_dim=64, hidden=256,

@@ -462,10 +462,12 @@ def test_family_random_rounds_are_exact(name):
     parent_weight = {n: n if n.endswith(".weight") else f"{n}.weight"
                      for n in fxgrow.linear_sites(grown)}
     learning = 0
-    for param, (parent, indices, role, _) in lineage.items():
+    for param, (parent, indices, role, kind) in lineage.items():
         # new neurons learn wherever their parent neuron does (LeViT's zero-initialised
-        # BatchNorm after attn.proj blocks both)
-        if grads[parent_weight[parent]][list(indices)].abs().sum() > 0:
+        # BatchNorm after attn.proj blocks both). Weights only: the bias of a key neuron
+        # has a gradient that is zero in exact arithmetic (a constant added to every logit
+        # of a query changes nothing), 0.0 or a rounding residue depending on the CPU.
+        if kind == "weight" and grads[parent_weight[parent]][list(indices)].abs().sum() > 0:
             assert grads[param].abs().sum() > 0, param
             learning += 1
         if role == "plus":

@@ -10,6 +10,7 @@ import fxgrow
 import fxgrow.models as models
 from fxgrow.errors import ModelError
 from fxgrow.verify import count_params
+from helpers import vit_flops, vit_params, vit_shape
 
 SMALL_TIMM = {
     "source": "timm",
@@ -121,11 +122,10 @@ def test_bad_specs_raise_model_error_naming_the_problem(spec, kwargs, match):
 def test_tiny_vit_reduced_halves_head_dim_and_mlp():
     torch.manual_seed(2)
     gm = models.tiny_vit_reduced()
-    d, tokens, attn, hidden = 64, 65, 32, 128
-    block = (4 * d + (d * 3 * attn + 3 * attn) + (attn * d + d)
-             + (d * hidden + hidden) + (hidden * d + d))
-    expected = (48 * d + d) + d + tokens * d + 4 * block + 2 * d + d * 10 + 10
-    assert count_params(gm) == expected
+    attn, hidden = 32, 128
+    shape = vit_shape(dim=64, depth=4, heads=4, head_dim=attn // 4, hidden=hidden, classes=10,
+                      patch=4, img=32)
+    assert count_params(gm) == vit_params(**shape)
     assert gm.get_submodule("blocks.3.attn.qkv").out_features == 3 * attn
     recipe = fxgrow.recipe(gm)
     assert recipe["base"]["name"] == "tiny_vit"
@@ -143,30 +143,48 @@ def test_tiny_vit_reduced_halves_head_dim_and_mlp():
 def test_reduction_demo_prints_widths_params_flops_and_trains():
     import io
 
+    import timm
+
     from fxgrow.demos import reduction_demo
 
+    kwargs = {"patch_size": 8, "depth": 2}
     rng_before = torch.random.get_rng_state()
     out = io.StringIO()
     summary = reduction_demo("vit_tiny_patch16_224", num_classes=10, img_size=32, file=out,
-                             model_kwargs={"patch_size": 8, "depth": 2})
+                             model_kwargs=kwargs, seed=0)
     text = out.getvalue()
     assert torch.equal(torch.random.get_rng_state(), rng_before)
-    d, tokens = 192, 17
 
-    def params(attn, hidden):
-        block = (4 * d + (d * 3 * attn + 3 * attn) + (attn * d + d)
-                 + (d * hidden + hidden) + (hidden * d + d))
-        return (3 * 64 * d + d) + d + tokens * d + 2 * block + 2 * d + d * 10 + 10
+    def shape(head_dim, hidden):
+        return vit_shape(dim=192, depth=2, heads=3, head_dim=head_dim, hidden=hidden,
+                         classes=10, patch=8, img=32)
 
-    assert summary["params"] == (params(192, 768), params(96, 384))
-    assert summary["flops"][1] < 0.55 * summary["flops"][0]
-    assert summary["grads_finite"] and summary["loss"] > 0
+    full, half = shape(64, 768), shape(32, 384)
+    eager = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=32, **kwargs)
+    assert summary["params"][0] == sum(p.numel() for p in eager.parameters())
+    assert summary["params"] == (vit_params(**full), vit_params(**half))
+    assert summary["flops"] == (vit_flops(**full), vit_flops(**half))
+
+    # The printed loss is the cross-entropy of the reduced model on the demo's batch: the
+    # same seed, the first rows kept, drawn in the demo's order (example input, batch, labels).
+    torch.manual_seed(0)
+    reduced = fxgrow.passes.reduce(
+        models.build({"source": "timm", "name": "vit_tiny_patch16_224",
+                      "kwargs": {**kwargs, "num_classes": 10, "img_size": 32}}),
+        head_dim=0.5, mlp_hidden=0.5, keep="first", example_inputs=torch.randn(1, 3, 32, 32))
+    x, labels = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
+    loss = F.cross_entropy(reduced.train()(x), labels)
+    torch.random.set_rng_state(rng_before)
+    assert summary["loss"] == loss.item()
+    assert summary["grads_finite"]
+
     block_rows = [line.split() for line in text.splitlines() if line.strip().startswith("blocks.")]
     assert len(block_rows) == 2
     # qkv out, head dim (read from the reshape literal) and fc1 out, before -> after
     assert block_rows[1][1:10] == ["576", "->", "288", "64", "->", "32", "768", "->", "384"]
-    assert f"{params(192, 768):,} -> {params(96, 384):,}" in text
-    assert "all finite: True" in text
+    assert f"{vit_params(**full):,} -> {vit_params(**half):,}" in text
+    assert f"{vit_flops(**full) / 1e9:.3f} -> {vit_flops(**half) / 1e9:.3f}" in text
+    assert f"loss {loss.item():.4f}" in text and "all finite: True" in text
 
 
 def test_reduced_builder_recipe_rebuilds_through_save_and_load(tmp_path):

@@ -10,20 +10,7 @@ import torch
 
 import fxgrow
 from fxgrow.passes import ReduceSpec, reduce, replay_reduce
-
-
-def vit_params(dim, depth, heads, head_dim, hidden, classes, patch=16, img=224, chans=3):
-    """Parameters of a timm ViT (cls token, learned pos embed, qkv bias) from its formulae."""
-    tokens = (img // patch) ** 2 + 1
-    embed = chans * patch * patch * dim + dim + dim + tokens * dim  # conv, bias, cls, pos
-    inner = heads * head_dim
-    block = (2 * dim  # norm1
-             + dim * 3 * inner + 3 * inner  # qkv
-             + inner * dim + dim  # proj
-             + 2 * dim  # norm2
-             + dim * hidden + hidden  # fc1
-             + hidden * dim + dim)  # fc2
-    return embed + depth * block + 2 * dim + dim * classes + classes
+from helpers import vit_params, vit_shape
 
 
 def small_vit(**kw):
@@ -35,11 +22,13 @@ def small_vit(**kw):
 @pytest.mark.slow
 def test_deit_small_paper_base_closed_form_and_runs_at_another_batch():
     model = timm.create_model("deit_small_patch16_224", num_classes=100).eval()
-    base = vit_params(384, 12, 6, 64, 1536, 100)
+    base = vit_params(
+        **vit_shape(dim=384, depth=12, heads=6, head_dim=64, hidden=1536, classes=100))
     assert base == sum(p.numel() for p in model.parameters())
     gm = fxgrow.trace(model)
     reduced = reduce(gm, ReduceSpec(head_dim=0.5, mlp_hidden=0.5), torch.randn(1, 3, 224, 224))
-    assert sum(p.numel() for p in reduced.parameters()) == vit_params(384, 12, 6, 32, 768, 100)
+    assert sum(p.numel() for p in reduced.parameters()) == vit_params(
+        **vit_shape(dim=384, depth=12, heads=6, head_dim=32, hidden=768, classes=100))
     out = reduced(torch.randn(2, 3, 224, 224))
     out.sum().backward()
     assert out.shape == (2, 100)
