@@ -1,6 +1,6 @@
 """fxgrow: grow transformers by exact, verified surgery on torch.fx graphs.
 
-The pipeline (DESIGN.md section 1): ``trace`` -> ``passes.reduce`` -> train -> ``passes.analyze``
+The pipeline (docs/passes.md): ``trace`` -> ``passes.reduce`` -> train -> ``passes.analyze``
 -> ``select`` -> ``passes.grow`` -> ``verify`` -> train ...
 """
 

@@ -9,7 +9,7 @@ A saved model is a directory::
 
 ``load`` rebuilds the base with :func:`fxgrow.models.build`, replays the history through
 :mod:`fxgrow.passes.replay` and loads the weights strictly. Nothing is unpickled, so a model
-someone sent you cannot run code on load (DESIGN.md sections 7 and 9).
+someone sent you cannot run code on load (docs/saving.md).
 """
 
 from __future__ import annotations

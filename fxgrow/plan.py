@@ -1,4 +1,4 @@
-"""Growth plans: which neurons of which linear layers to grow (DESIGN.md section 5).
+"""Growth plans: which neurons of which linear layers to grow (docs/selection.md).
 
 A plan is data. It maps a linear's *target* (the naming of :mod:`fxgrow.linears`: the
 module path ``blocks.0.mlp.fc1`` for an ``nn.Linear`` call, the weight's path

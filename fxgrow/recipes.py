@@ -1,7 +1,7 @@
 """The recipe a GraphModule carries: the spec of its base model and the passes applied since.
 
 It lives in ``gm.meta["fxgrow"]`` as plain JSON data, so that a model can be rebuilt from
-its base and its history (DESIGN.md sections 1 and 7) without pickling any code.
+its base and its history (docs/passes.md, docs/saving.md) without pickling any code.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Choosing the neurons to grow from a splitting report (DESIGN.md section 5, paper 3.3)."""
+"""Choosing the neurons to grow from a splitting report (docs/selection.md, paper 3.3)."""
 
 from __future__ import annotations
 

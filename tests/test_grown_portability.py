@@ -84,7 +84,7 @@ def test_training_mode_with_dropout_matches_the_base_under_the_same_seed():
 def test_eval_switches_every_module_and_keeps_the_function():
     torch.manual_seed(2)
     # No attention dropout: timm's fused attention bakes dropout_p into a training-mode trace
-    # (a tracing limit, DESIGN.md section 9); module dropouts follow .eval().
+    # (a tracing limit, docs/tracing.md); module dropouts follow .eval().
     base = fxgrow.trace(_model(drop=0.3, attn_drop=0.0).train())
     grown = grow(base, _plan(base))
     grown.eval()

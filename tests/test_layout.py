@@ -1,5 +1,5 @@
-"""The shape of the repository: the graph side loads without the training side, and what
-fxgrow knows about ops is written once."""
+"""The shape of the repository: the graph side loads without the training side, nothing
+points outside the repository, and what fxgrow knows about ops is written once."""
 
 import ast
 import importlib
@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "fxgrow"
@@ -25,6 +26,30 @@ def test_the_graph_side_loads_without_the_training_side():
     loaded = json.loads(out)
     assert "fxgrow.passes.grow" in loaded and "fxgrow.verify.flops" in loaded
     assert [m for m in loaded if m == "fxgrow.training" or m.startswith("fxgrow.training.")] == []
+
+
+def _tracked_files() -> list[Path]:
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z"], capture_output=True, check=True,
+                                cwd=ROOT).stdout.decode()
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    return [ROOT / p for p in listed.split("\0") if p and not p.startswith(".ci/")]
+
+
+def test_no_file_points_outside_the_repository():
+    # Spelled in pieces so that this file does not name them itself.
+    forbidden = ["DESIGN" + ".md", ".." + "/shared", "/work" + "/"]
+    found = []
+    for path in _tracked_files():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, FileNotFoundError):
+            continue
+        for word in forbidden:
+            if word in text:
+                found.append(f"{path.relative_to(ROOT)}: {word}")
+    assert found == []
 
 
 # A literal collection (set, tuple, list, frozenset(...)) naming at least two members of a

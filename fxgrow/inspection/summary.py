@@ -1,6 +1,6 @@
 """Looking inside a (grown) GraphModule: a per-node summary and growth depths.
 
-Growth facts come from the ``grow`` records of the graph's history (DESIGN.md section 3):
+Growth facts come from the ``grow`` records of the graph's history (docs/growth.md):
 every record lists the modules it created, the target each grew from and which of the
 target's neurons each new row copies. From those, per neuron of a target:
 

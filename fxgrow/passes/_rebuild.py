@@ -1,5 +1,5 @@
 """How every pass builds its result: a new GraphModule over a new graph that shares all
-unchanged modules and tensors with its input (DESIGN.md section 1)."""
+unchanged modules and tensors with its input (docs/passes.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The growth pass: paired, skip-connected neurons added to linear layers (DESIGN.md section 3).
+"""The growth pass: paired, skip-connected neurons added to linear layers (docs/growth.md).
 
 For a target linear ``O = x W^T + b`` and its selected neurons S (k of them, fan-in d), one
 round adds a *pseudo-layer*::

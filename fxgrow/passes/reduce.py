@@ -4,7 +4,7 @@ Which channels may go, and what must move with them, comes from
 :func:`fxgrow.passes.width_groups`; this pass chooses the channels to keep, slices producer rows
 (weights, biases, a computed ``cat(q_bias, k_bias, v_bias)``), consumer columns and every
 per-channel parameter met on the way (qk-norm weights, batch norms), and rewrites the shape
-literals and computed sizes that depend on the width (DESIGN.md section 2).
+literals and computed sizes that depend on the width (docs/reduction.md).
 
 Replay: the pass records the kept row indices of every narrowed producer, and
 ``reduce(gm, ReduceSpec(indices=...))`` (or ``reduce(gm, **record["args"])``) applies exactly

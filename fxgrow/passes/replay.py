@@ -1,4 +1,4 @@
-"""Replaying a pass history on a freshly built base (DESIGN.md section 7).
+"""Replaying a pass history on a freshly built base (docs/saving.md).
 
 A pass's history record is ``{"pass": name, "args": {...JSON...}}``. A *replayer* turns such a
 record back into a call of the pass: ``replayer(gm, args) -> GraphModule``. ``fxgrow.load``

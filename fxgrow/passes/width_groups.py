@@ -8,7 +8,7 @@ computed sizes the code uses. Ops that combine channels position by position (an
 product, the dot product of q and k, a qk-norm weight) couple the ids they meet; ops that hold a
 width fixed (an add with the residual stream, a conv, a frozen table, the graph output) *tie*
 them, with the node as the reason. Couplings between fx nodes form a networkx graph whose
-connected components are the groups (DESIGN.md section 2).
+connected components are the groups (docs/reduction.md).
 
 Only shapes and sizes of the real values matter, so the run happens on the meta device (no
 arithmetic; shapes are recorded as they go, which ShapeProp would do in a second run) and

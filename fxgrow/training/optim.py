@@ -13,7 +13,7 @@ a fresh model) unless ``init_state="parent"``: then each new row takes the optim
 of the neuron it grew from, as TripLe copies states with the weights. The copy is NOT
 scaled or sign-flipped like the weights (+aW, -aW): optimizer state estimates gradients,
 and at growth both members of a pair receive the same gradient, ``1 + GeLU'(0) = 1.5``
-times the parent neuron's (DESIGN.md section 3), whatever the sign of their weights. So
+times the parent neuron's (docs/growth.md), whatever the sign of their weights. So
 first moments (``exp_avg``, ``momentum_buffer``) are copied times 1.5, second moments
 (``exp_avg_sq``, ``max_exp_avg_sq``) times 2.25 and the step count as it is: the new
 neurons' first update then moves along the direction the parent's state predicts for them.

@@ -1,5 +1,5 @@
-"""Training-aware scaling: grow a model every few epochs while it trains (paper section 3.3,
-DESIGN.md section 6), keeping the same optimizer object.
+"""Training-aware scaling: grow a model every few epochs while it trains (paper section 3.3;
+docs/selection.md), keeping the same optimizer object.
 
 Drop it into any training loop::
 

@@ -1,4 +1,4 @@
-"""Node-by-node equivalence of two graphs (DESIGN.md section 3: growth is exact on CPU).
+"""Node-by-node equivalence of two graphs (docs/growth.md: growth is exact on CPU).
 
 ``check_equivalence`` runs a reference and a candidate GraphModule on the same inputs with an
 ``fx.Interpreter`` that records every node's value, compares the nodes the two graphs share,

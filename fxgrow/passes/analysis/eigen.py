@@ -1,4 +1,4 @@
-"""Smallest eigenpairs of many small symmetric matrices at once (DESIGN.md section 4).
+"""Smallest eigenpairs of many small symmetric matrices at once (docs/lanczos.md).
 
 Two paths, both batched over the J neurons of a layer:
 

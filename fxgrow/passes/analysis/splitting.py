@@ -1,4 +1,4 @@
-"""The splitting analysis (DESIGN.md section 4; paper sections 3.2 and 5.5).
+"""The splitting analysis (docs/splitting.md; paper sections 3.2 and 5.5).
 
 ``analyze`` streams batches through a recording copy of a GraphModule and returns, for
 every target linear, the smallest eigenvalue of each neuron's splitting matrix. Precise
