@@ -1,4 +1,5 @@
-"""Demonstrations behind ``make demo``: short, self-checking walks through the pipeline."""
+"""Short, self-checking walks through one step of the pipeline: ``fxgrow demo-reduce`` runs
+:func:`reduction_demo` (``make demo`` runs the whole loop instead, ``fxgrow compare``)."""
 
 from __future__ import annotations
 

@@ -391,11 +391,6 @@ class FlopCrossCheck:
         """Whether the two counts are equal."""
         return self.fvcore == self.torch
 
-    @property
-    def relative_error(self) -> float:
-        """``|fvcore - torch| / torch``."""
-        return abs(self.fvcore - self.torch) / max(self.torch, 1)
-
 
 def cross_check_flops(
     model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor]

@@ -12,9 +12,9 @@ Two paths, both batched over the J neurons of a layer:
 
 ``splitting_matvec`` builds the product for splitting matrices of the form
 ``S_j = scale * X^T diag(h_j) X``: ``P = X V^T``, ``R = (H * P)^T X`` (two GEMMs per step,
-through oneDNN for float32: ``fxgrow.passes.analysis.gemm``), ``splitting_start`` start vectors for them
-from the tokens that dominate every S_j, and ``splitting_first_step`` those starts with
-their random part and their products at the cost of one GEMM. ``stacked_matvec`` joins
+through oneDNN for float32: ``fxgrow.passes.analysis.gemm``), and ``splitting_first_step``
+start vectors for them, built from the tokens that dominate every S_j, with their random
+part and their products at the cost of one GEMM. ``stacked_matvec`` joins
 the products of several layers so that one Lanczos run serves them all.
 """
 
@@ -190,21 +190,6 @@ def _gemm_width(count: int) -> int:
     return -(-count // step) * step
 
 
-def splitting_start(
-    x: torch.Tensor, h: torch.Tensor, *, bias: bool = False, tokens: int = 16
-) -> torch.Tensor:
-    """Start vectors for :func:`lanczos_smallest` on ``S_j = x~^T diag(h[:, j]) x~``: each
-    neuron's best vector (Rayleigh-Ritz) in the span of the ``tokens`` inputs with the
-    largest gradient energy ``sum_j h[t, j]^2``.
-
-    Those tokens dominate every S_j of the layer (in a ViT, typically the class tokens), so
-    the span holds much of each smallest eigenvector: on reduced DeiT-S this cut the Lanczos
-    products per neuron from 6.0 to 3.8 (at 0.1 random weight; see START_NOISE). Returns
-    (J, D) float64 unit rows (D = d + bias)."""
-    basis, _, coefficients = _token_ritz(x, h, bias, tokens)
-    return coefficients @ basis.T
-
-
 def splitting_first_step(
     product: SplittingProduct,
     *,
@@ -215,7 +200,9 @@ def splitting_first_step(
     """Start vectors ``q_j`` for :func:`lanczos_smallest` and their products ``S_j q_j``
     under ``product``, for its ``start`` and ``start_product``.
 
-    ``q_j`` is the :func:`splitting_start` vector plus ``noise`` times a random unit vector
+    ``q_j`` is neuron j's best vector (Rayleigh-Ritz) in the span of the ``tokens`` inputs
+    with the largest gradient energy ``sum_j h[t, j]^2``, which dominate every S_j of the
+    layer (in a ViT, typically the class tokens), plus ``noise`` times a random unit vector
     (both unit norm, then normalised). The random vectors are Gaussian combinations of one
     random (D, 16) basis shared by the layer, so each is still a Gaussian vector of R^D
     (nothing about any eigenvector's share changes), and ``x~ q_j`` is a combination of
@@ -371,7 +358,7 @@ def lanczos_smallest(
     lambda_min -0.15 next to lambda_max 3.3). Eigenvalues below 1e-3 ||S_j|| in magnitude
     are resolved to that absolute level only.
 
-    ``start`` (count, dim) gives start vectors (see :func:`splitting_start`); a seeded
+    ``start`` (count, dim) gives start vectors (see :func:`splitting_first_step`); a seeded
     random component is mixed in so that no eigenvector is missed because the start was
     orthogonal to it. With ``start_product``, the products ``S_j start_j``, the start rows
     are taken as they are (unit norm, random part already mixed in: see
