@@ -131,41 +131,53 @@ def _new_sizes(group: WidthGroup, request: float | int, what: str) -> list[int]:
 def _select(analysis: WidthAnalysis, spec: ReduceSpec) -> tuple[np.ndarray, list[WidthGroup]]:
     """Per class: keep or not; and the groups that change."""
     keep = np.ones(int(analysis.class_of.max()) + 1 if len(analysis.class_of) else 0, dtype=bool)
-    changed: list[WidthGroup] = []
-    groups = analysis.groups
-    by_producer = {t: g for g in groups for t in g.producers}
-    sites = linear_sites(analysis.gm)
-
+    by_producer = {t: g for g in analysis.groups for t in g.producers}
     if spec.indices is not None:
-        wanted: dict[int, set[int]] = {}
-        for target, rows in spec.indices.items():
-            group = by_producer.get(target)
-            if group is None:
-                raise ReduceError(f"indices: {target!r} is not the producer of any width group")
-            if not group.reducible:
-                raise ReduceError(f"indices: the group of {target!r} cannot be narrowed: {group.reason}")
-            start, end, _ = analysis.ranges[target]
-            rows = np.asarray(rows, dtype=np.int64)
-            if rows.size == 0 or rows.min() < 0 or rows.max() >= end - start or len(set(rows.tolist())) != rows.size:
-                raise ReduceError(f"indices[{target!r}]: rows must be distinct, in [0, {end - start}) "
-                                  f"and not empty")
-            wanted.setdefault(id(group), set()).update(analysis.class_of[start + rows].tolist())
-        for group in groups:
-            if id(group) not in wanted:
-                continue
-            kept = wanted[id(group)]
-            for segment in group.segments:
-                keep[segment] = np.isin(segment, list(kept))
-            for target, rows in spec.indices.items():
-                if by_producer[target] is group:
-                    start, end, _ = analysis.ranges[target]
-                    implied = np.nonzero(keep[analysis.class_of[start:end]])[0]
-                    if sorted(rows) != implied.tolist():
-                        raise ReduceError(f"indices[{target!r}] disagrees with the rows kept in its "
-                                          f"group by the other producers (q and k of a head must match)")
-            changed.append(group)
-        return keep, changed
+        return keep, _select_recorded(analysis, spec.indices, by_producer, keep)
+    return keep, _select_requested(analysis, spec, by_producer, keep)
 
+
+def _select_recorded(analysis: WidthAnalysis, indices: Mapping[str, Sequence[int]],
+                     by_producer: dict[str, WidthGroup], keep: np.ndarray) -> list[WidthGroup]:
+    """The replay form: keep exactly the recorded rows of every producer (and what they
+    imply for the rest of its group); ``keep`` is updated in place."""
+    wanted: dict[int, set[int]] = {}
+    for target, rows in indices.items():
+        group = by_producer.get(target)
+        if group is None:
+            raise ReduceError(f"indices: {target!r} is not the producer of any width group")
+        if not group.reducible:
+            raise ReduceError(f"indices: the group of {target!r} cannot be narrowed: {group.reason}")
+        start, end, _ = analysis.ranges[target]
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size == 0 or rows.min() < 0 or rows.max() >= end - start or len(set(rows.tolist())) != rows.size:
+            raise ReduceError(f"indices[{target!r}]: rows must be distinct, in [0, {end - start}) "
+                              f"and not empty")
+        wanted.setdefault(id(group), set()).update(analysis.class_of[start + rows].tolist())
+    changed: list[WidthGroup] = []
+    for group in analysis.groups:
+        if id(group) not in wanted:
+            continue
+        kept = wanted[id(group)]
+        for segment in group.segments:
+            keep[segment] = np.isin(segment, list(kept))
+        for target, rows in indices.items():
+            if by_producer[target] is group:
+                start, end, _ = analysis.ranges[target]
+                implied = np.nonzero(keep[analysis.class_of[start:end]])[0]
+                if sorted(rows) != implied.tolist():
+                    raise ReduceError(f"indices[{target!r}] disagrees with the rows kept in its "
+                                      f"group by the other producers (q and k of a head must match)")
+        changed.append(group)
+    return changed
+
+
+def _select_requested(analysis: WidthAnalysis, spec: ReduceSpec,
+                      by_producer: dict[str, WidthGroup], keep: np.ndarray) -> list[WidthGroup]:
+    """Widths by request (ratios or absolute widths): keep the best-scoring or the first
+    channels of every segment; ``keep`` is updated in place."""
+    groups = analysis.groups
+    sites = linear_sites(analysis.gm)
     for target in spec.widths:
         if target not in by_producer:
             raise ReduceError(f"widths: {target!r} is not the producer of any width group")
@@ -176,6 +188,7 @@ def _select(analysis: WidthAnalysis, spec: ReduceSpec) -> tuple[np.ndarray, list
                              and "graph output" not in g.reason)[:600]
             raise ReduceError(f"{kind} width requested but the graph has no {kind} group"
                               + (f" (groups that are tied: {tied})" if tied else ""))
+    changed: list[WidthGroup] = []
     for group in groups:
         explicit = [spec.widths[t] for t in group.producers if t in spec.widths]
         if explicit:
@@ -204,7 +217,7 @@ def _select(analysis: WidthAnalysis, spec: ReduceSpec) -> tuple[np.ndarray, list
             mask[chosen] = True
             keep[segment] = mask
         changed.append(group)
-    return keep, changed
+    return changed
 
 
 # -- rewriting ---------------------------------------------------------------------------------
@@ -488,14 +501,26 @@ def reduce(
 
 
 def _new_attrs(gm: fx.GraphModule, analysis: WidthAnalysis, keep_id: torch.Tensor) -> dict[str, Any]:
-    new_attrs: dict[str, Any] = {}
-    sites = linear_sites(gm)
+    """Every module and tensor that loses channels, sliced: linears (rows and columns),
+    functional linears' biases, and the per-channel parameters met on the way."""
+    new_attrs = _sliced_linears(gm, _kept_rows(analysis, keep_id), _kept_columns(analysis, keep_id))
+    new_attrs.update(_sliced_parameters(gm, analysis, keep_id))
+    return new_attrs
+
+
+def _kept_rows(analysis: WidthAnalysis, keep_id: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per producer that loses rows: the indices of the rows it keeps."""
     rows: dict[str, torch.Tensor] = {}
     for target, (start, end, kind) in analysis.ranges.items():
         if kind == "producer":
             kept = keep_id[start:end]
             if not bool(kept.all()):
                 rows[target] = torch.nonzero(kept).flatten()
+    return rows
+
+
+def _kept_columns(analysis: WidthAnalysis, keep_id: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per consumer that loses input columns: the indices of the columns it keeps."""
     cols: dict[str, torch.Tensor] = {}
     for consumer in analysis.consumers:
         columns = consumer.columns
@@ -507,9 +532,13 @@ def _new_attrs(gm: fx.GraphModule, analysis: WidthAnalysis, keep_id: torch.Tenso
                               f"different columns")
         if not bool(kept.all()):
             cols[consumer.target] = index
+    return cols
 
-    called_modules = {n.target for n in gm.graph.nodes if n.op == "call_module"}
-    module_tensors: dict[str, dict[str, torch.Tensor]] = {}
+
+def _sliced_linears(gm: fx.GraphModule, rows: Mapping[str, torch.Tensor],
+                    cols: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    new_attrs: dict[str, Any] = {}
+    sites = linear_sites(gm)
     for target in sorted(set(rows) | set(cols)):
         site = sites[target][0]
         row, col = rows.get(target), cols.get(target)
@@ -526,6 +555,16 @@ def _new_attrs(gm: fx.GraphModule, analysis: WidthAnalysis, keep_id: torch.Tenso
             if row is not None:
                 for site_i in sites[target]:
                     new_attrs.update(_sliced_bias(gm, site_i, row))
+    return new_attrs
+
+
+def _sliced_parameters(gm: fx.GraphModule, analysis: WidthAnalysis,
+                       keep_id: torch.Tensor) -> dict[str, Any]:
+    """Per-channel parameters of the narrowed groups (norm weights, qk-norms, batch norms):
+    free-standing tensors sliced, and the modules that hold them cloned with their slices."""
+    new_attrs: dict[str, Any] = {}
+    called_modules = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    module_tensors: dict[str, dict[str, torch.Tensor]] = {}
     for key, (start, end, kind) in analysis.ranges.items():
         if kind != "param":
             continue
@@ -534,21 +573,7 @@ def _new_attrs(gm: fx.GraphModule, analysis: WidthAnalysis, keep_id: torch.Tenso
             continue
         owner, _, name = key.rpartition(".")
         tensor = get_attr_value(gm, key)
-        mask = kept.reshape(tensor.shape)
-        index = []
-        for d in range(mask.dim()):
-            others = [x for x in range(mask.dim()) if x != d]
-            along = mask.any(dim=others) if others else mask
-            index.append(None if bool(along.all()) else torch.nonzero(along).flatten())
-        expected = torch.ones_like(mask)
-        for d, idx in enumerate(index):
-            if idx is not None:
-                line = torch.zeros(mask.shape[d], dtype=torch.bool)
-                line[idx] = True
-                expected = expected & line.reshape([-1 if x == d else 1 for x in range(mask.dim())])
-        if not torch.equal(expected, mask):
-            raise ReduceError(f"parameter {key!r} would lose a non-rectangular set of elements")
-        sliced = _slice(tensor, index)
+        sliced = _slice(tensor, _rectangular_index(key, kept.reshape(tensor.shape)))
         if owner in called_modules:
             module_tensors.setdefault(owner, {})[name] = sliced
         else:
@@ -567,6 +592,25 @@ def _new_attrs(gm: fx.GraphModule, analysis: WidthAnalysis, keep_id: torch.Tenso
                               f"are narrowed but fxgrow does not know how to slice it")
         new_attrs[owner] = _clone_module(module, tensors, attrs)
     return new_attrs
+
+
+def _rectangular_index(key: str, mask: torch.Tensor) -> list[torch.Tensor | None]:
+    """Per dim of parameter ``key``, the indices kept along it (None: all), for a ``mask``
+    of kept elements that must be a product of one index set per dim."""
+    index = []
+    for d in range(mask.dim()):
+        others = [x for x in range(mask.dim()) if x != d]
+        along = mask.any(dim=others) if others else mask
+        index.append(None if bool(along.all()) else torch.nonzero(along).flatten())
+    expected = torch.ones_like(mask)
+    for d, idx in enumerate(index):
+        if idx is not None:
+            line = torch.zeros(mask.shape[d], dtype=torch.bool)
+            line[idx] = True
+            expected = expected & line.reshape([-1 if x == d else 1 for x in range(mask.dim())])
+    if not torch.equal(expected, mask):
+        raise ReduceError(f"parameter {key!r} would lose a non-rectangular set of elements")
+    return index
 
 
 def _sliced_bias(gm: fx.GraphModule, site: Any, row: torch.Tensor) -> dict[str, Any]:

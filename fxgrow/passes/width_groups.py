@@ -707,6 +707,44 @@ def _hash_lines(node_index: int, lines: torch.Tensor) -> torch.Tensor:
 
 def analyse(gm: fx.GraphModule, example_inputs: Sequence[Any] | None = None) -> WidthAnalysis:
     """Run the labelled interpretation of ``gm`` and build its width groups."""
+    labeller = _labelled_run(gm, example_inputs)
+    class_of, tie_of = _label_classes(labeller)
+    reasons = [reason for _, reason in labeller.ties]
+    node_index = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    producers_by_node = {node: target for target, nodes in labeller.producer_nodes.items()
+                         for node in nodes}
+    consumers_by_node: dict[str, list[str]] = {}
+    for c in labeller.consumers:
+        consumers_by_node.setdefault(c.node, []).append(c.target)
+
+    groups: list[WidthGroup] = []
+    group_of_node: dict[str, int] = {}
+    for component in _channel_components(labeller, node_index):
+        producers = sorted({producers_by_node[x] for x in component if x in producers_by_node},
+                           key=lambda t: node_index[labeller.producer_nodes[t][0]])
+        if not producers:
+            continue
+        consumers = sorted({t for x in component for t in consumers_by_node.get(x, ())})
+        unit_ids = np.concatenate([np.arange(*labeller.ranges[t][:2]) for t in producers])
+        classes, segments = _segments(labeller, component, class_of, unit_ids, node_index)
+        sizes = tuple(len(s) for s in segments)
+        marks = set().union(*(labeller.marks.get(x, set()) for x in component))
+        kind = "attn_head" if "attn" in marks else "mlp_hidden" if "act" in marks else "other"
+        held = tie_of[classes]
+        held = held[held >= 0]
+        reason = reasons[int(held.min())] if held.size else None
+        for x in component:
+            group_of_node[x] = len(groups)
+        groups.append(WidthGroup(tuple(producers), tuple(consumers), kind,
+                                 max(sizes) if sizes else 0, sizes, reason, segments,
+                                 frozenset(component)))
+    return WidthAnalysis(gm, groups, labeller.labels, labeller.meta, class_of,
+                         labeller.ranges, labeller.consumers, labeller.logits, group_of_node)
+
+
+def _labelled_run(gm: fx.GraphModule, example_inputs: Sequence[Any] | None) -> _Labeller:
+    """The labeller after one run of ``gm``: on the meta device where the graph allows it,
+    else on the real example inputs."""
     if example_inputs is None:
         example_inputs = synthesise_inputs(gm)
     elif isinstance(example_inputs, torch.Tensor):
@@ -727,6 +765,12 @@ def analyse(gm: fx.GraphModule, example_inputs: Sequence[Any] | None = None) -> 
             except Exception as exc:
                 raise ReduceError(f"the graph does not run on the example inputs: "
                                   f"{type(exc).__name__}: {exc}") from exc
+    return labeller
+
+
+def _label_classes(labeller: _Labeller) -> tuple[np.ndarray, np.ndarray]:
+    """Per label id its class (ids coupled by some op share one), and per class the index
+    of the first tie that holds it (-1 if none does)."""
     n_ids = labeller.next_id
     if labeller.unions:
         a = torch.cat([u[0] for u in labeller.unions]).numpy()
@@ -737,12 +781,16 @@ def analyse(gm: fx.GraphModule, example_inputs: Sequence[Any] | None = None) -> 
     _, class_of = scipy.sparse.csgraph.connected_components(adjacency, directed=False)
     class_of = class_of.astype(np.int64)
     n_classes = int(class_of.max()) + 1 if len(class_of) else 0
-    tie_of = np.full(n_classes, -1)  # per class: index of the first tie that holds it
-    reasons = [reason for _, reason in labeller.ties]
+    tie_of = np.full(n_classes, -1)
     for i, (ids, _) in enumerate(labeller.ties):
         hit = np.unique(class_of[ids.numpy()])
         tie_of[hit[tie_of[hit] < 0]] = i
+    return class_of, tie_of
 
+
+def _channel_components(labeller: _Labeller, node_index: dict[str, int]) -> list[set[str]]:
+    """The nodes carrying linear channels, in connected components of the edges the run
+    recorded, ordered by their first node in the graph."""
     graph = nx.Graph()
     for name, lab in labeller.labels.items():
         if _is_chan(lab):
@@ -750,63 +798,40 @@ def analyse(gm: fx.GraphModule, example_inputs: Sequence[Any] | None = None) -> 
     for u, v in labeller.edges:
         if u in labeller.labels and v in labeller.labels:
             graph.add_edge(u, v)
-    node_index = {n.name: i for i, n in enumerate(gm.graph.nodes)}
-    consumers_by_node: dict[str, list[str]] = {}
-    for c in labeller.consumers:
-        consumers_by_node.setdefault(c.node, []).append(c.target)
-    producers_by_node = {node: target for target, nodes in labeller.producer_nodes.items()
-                         for node in nodes}
+    return sorted(nx.connected_components(graph), key=lambda c: min(node_index[x] for x in c))
 
-    groups: list[WidthGroup] = []
-    group_of_node: dict[str, int] = {}
-    components = sorted(nx.connected_components(graph), key=lambda c: min(node_index[x] for x in c))
-    for component in components:
-        producers = sorted({producers_by_node[x] for x in component if x in producers_by_node},
-                           key=lambda t: node_index[labeller.producer_nodes[t][0]])
-        if not producers:
+
+def _segments(
+    labeller: _Labeller, component: set[str], class_of: np.ndarray, unit_ids: np.ndarray,
+    node_index: dict[str, int],
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The classes of a group's producer channels, and those classes split into segments:
+    classes that sit on exactly the same lines of the group's tensors, in channel order."""
+    # unit ids ascend, so a class's first occurrence is its lowest channel
+    classes, first = np.unique(class_of[unit_ids], return_index=True)
+    first_unit = unit_ids[first]
+    key = torch.zeros(len(classes), dtype=torch.int64)
+    for name in component:
+        lab = labeller.labels.get(name)
+        if not isinstance(lab, ChannelLabels) or not lab.chan:
             continue
-        consumers = sorted({t for x in component for t in consumers_by_node.get(x, ())})
-        unit_ids = np.concatenate([np.arange(*labeller.ranges[t][:2]) for t in producers])
-        # unit ids ascend, so a class's first occurrence is its lowest channel
-        classes, first = np.unique(class_of[unit_ids], return_index=True)
-        first_unit = unit_ids[first]
-        # segments: classes that sit on exactly the same lines of the group's tensors
-        key = torch.zeros(len(classes), dtype=torch.int64)
-        for name in component:
-            lab = labeller.labels.get(name)
-            if not isinstance(lab, ChannelLabels) or not lab.chan:
-                continue
-            ids = compact(lab.ids)
-            vary = [d for d in range(ids.dim()) if ids.shape[d] > 1]
-            if not vary:
-                continue
-            rows = ids.movedim(vary[-1], -1).reshape(-1, ids.shape[vary[-1]])
-            lines = torch.arange(rows.shape[0]).unsqueeze(1).expand_as(rows)
-            keep = rows >= 0
-            cls = torch.from_numpy(np.searchsorted(classes, class_of[rows[keep].numpy()]))
-            n_lines = rows.shape[0]
-            pairs = np.unique(cls.numpy() * n_lines + lines[keep].numpy())
-            key.index_add_(0, torch.from_numpy(pairs // n_lines),
-                           _hash_lines(node_index[name], torch.from_numpy(pairs % n_lines)))
-        order = np.argsort(first_unit, kind="stable")
-        ordered = classes[order]
-        seg_key = key.numpy()[order]
-        _, first_seen, seg_index = np.unique(seg_key, return_index=True, return_inverse=True)
-        seg_list = [ordered[seg_index == s] for s in np.argsort(first_seen, kind="stable")]
-        sizes = tuple(len(s) for s in seg_list)
-        marks = set().union(*(labeller.marks.get(x, set()) for x in component))
-        kind = "attn_head" if "attn" in marks else "mlp_hidden" if "act" in marks else "other"
-        held = tie_of[classes]
-        held = held[held >= 0]
-        reason = reasons[int(held.min())] if held.size else None
-        index = len(groups)
-        groups.append(WidthGroup(tuple(producers), tuple(consumers), kind,
-                                 max(sizes) if sizes else 0, sizes, reason, seg_list,
-                                 frozenset(component)))
-        for x in component:
-            group_of_node[x] = index
-    return WidthAnalysis(gm, groups, labeller.labels, labeller.meta, class_of,
-                         labeller.ranges, labeller.consumers, labeller.logits, group_of_node)
+        ids = compact(lab.ids)
+        vary = [d for d in range(ids.dim()) if ids.shape[d] > 1]
+        if not vary:
+            continue
+        rows = ids.movedim(vary[-1], -1).reshape(-1, ids.shape[vary[-1]])
+        lines = torch.arange(rows.shape[0]).unsqueeze(1).expand_as(rows)
+        keep = rows >= 0
+        cls = torch.from_numpy(np.searchsorted(classes, class_of[rows[keep].numpy()]))
+        n_lines = rows.shape[0]
+        pairs = np.unique(cls.numpy() * n_lines + lines[keep].numpy())
+        key.index_add_(0, torch.from_numpy(pairs // n_lines),
+                       _hash_lines(node_index[name], torch.from_numpy(pairs % n_lines)))
+    order = np.argsort(first_unit, kind="stable")
+    ordered = classes[order]
+    seg_key = key.numpy()[order]
+    _, first_seen, seg_index = np.unique(seg_key, return_index=True, return_inverse=True)
+    return classes, [ordered[seg_index == s] for s in np.argsort(first_seen, kind="stable")]
 
 
 def width_groups(gm: fx.GraphModule, example_inputs: Sequence[Any] | None = None) -> list[WidthGroup]:

@@ -379,20 +379,7 @@ def lanczos_smallest(
         converged[:] = count == 0 or dim == 0
         return EigenResult(values, vectors, residuals, converged, 0)
 
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    first = torch.randn(count, dim, generator=generator, dtype=dtype).to(device)
-    if start is not None:
-        if start.shape != (count, dim):
-            raise ValueError(f"start must have shape {(count, dim)}, got {tuple(start.shape)}")
-        if start_product is None:
-            first = _unit(start.to(device, dtype)) + START_NOISE * _unit(first)
-        elif start_product.shape != (count, dim):
-            raise ValueError(f"start_product must have shape {(count, dim)}, "
-                             f"got {tuple(start_product.shape)}")
-        else:
-            first = start.to(device, dtype)
-    elif start_product is not None:
-        raise ValueError("start_product needs the start vectors it is the product of")
+    first = _first_vectors(count, dim, start, start_product, seed, dtype, device)
     # The basis grows by doubling: most matrices converge within a few steps, and a buffer
     # for all steps + 1 vectors would be hundreds of MB to allocate and touch.
     basis = torch.empty(count, min(steps + 1, _FIRST_SLOTS), dim, dtype=dtype, device=device)
@@ -411,19 +398,7 @@ def lanczos_smallest(
             w = start_product.to(device, dtype)
         else:
             w = matvec(q, rows).to(dtype)
-        alpha = (w * q).sum(1)
-        w -= alpha[:, None] * q
-        if k > 0:
-            w -= betas[:, k - 1, None].to(dtype) * basis[:, k - 1]
-        span = basis[:, : k + 1]
-        before = w.norm(dim=1)
-        # Full reorthogonalisation, repeated when it cancelled much of w (DGKS criterion).
-        for _ in range(2):
-            w -= torch.bmm(span.transpose(1, 2), torch.bmm(span, w[:, :, None]))[:, :, 0]
-            beta = w.norm(dim=1)
-            if not bool((live & (beta < 0.7071 * before)).any()):
-                break
-            before = beta
+        alpha, beta = _orthogonalise(w, basis, k, betas, live)
         alphas[:, k] = alpha.double()
         betas[:, k] = beta.double()
         done_at = k + 1
@@ -445,9 +420,8 @@ def lanczos_smallest(
             residuals[idx] = torch.where(exhausted[leaving], 0.0, res[leaving])
             converged[idx] = finished[leaving] | (k + 1 == dim)
             if eigenvectors:
-                s = _tridiagonal_vector(alphas[leaving, : k + 1], betas[leaving, :k], theta[leaving])
-                vec = torch.einsum("jkd,jk->jd", span[leaving].double(), s)
-                vectors[idx] = _unit(vec)
+                vectors[idx] = _ritz_vectors(basis[leaving, : k + 1], alphas[leaving, : k + 1],
+                                             betas[leaving, :k], theta[leaving])
             live &= ~leaving
         if last or not bool(live.any()):
             break
@@ -455,17 +429,81 @@ def lanczos_smallest(
         # to be worth the copy of the basis that dropping them costs.
         w *= torch.where(live, 1.0 / beta.clamp_min(1e-300), 0.0).to(dtype)[:, None]
         drop = int(live.sum()) <= 0.85 * live.numel()
-        full = k + 2 > basis.shape[1]
-        if drop or full:
-            slots = min(steps + 1, 2 * basis.shape[1]) if full else basis.shape[1]
-            in_use = basis[live, : k + 1] if drop else basis[:, : k + 1]
-            basis = torch.empty(in_use.shape[0], slots, dim, dtype=dtype, device=device)
-            basis[:, : k + 1] = in_use
+        if drop or k + 2 > basis.shape[1]:
+            basis = _regrown_basis(basis, k, steps, live if drop else None)
             if drop:
                 w, rows, alphas, betas = w[live], rows[live], alphas[live], betas[live]
                 norm_est, live = norm_est[live], live[live]
         basis[:, k + 1] = w
     return EigenResult(values, vectors, residuals, converged, done_at)
+
+
+def _first_vectors(
+    count: int, dim: int, start: torch.Tensor | None, start_product: torch.Tensor | None,
+    seed: int, dtype: torch.dtype, device: torch.device,
+) -> torch.Tensor:
+    """The first Krylov vector of every matrix (not yet normalised): the given starts, with
+    a seeded random part mixed in unless their products were given too; else random."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    first = torch.randn(count, dim, generator=generator, dtype=dtype).to(device)
+    if start is None:
+        if start_product is not None:
+            raise ValueError("start_product needs the start vectors it is the product of")
+        return first
+    if start.shape != (count, dim):
+        raise ValueError(f"start must have shape {(count, dim)}, got {tuple(start.shape)}")
+    if start_product is None:
+        return _unit(start.to(device, dtype)) + START_NOISE * _unit(first)
+    if start_product.shape != (count, dim):
+        raise ValueError(f"start_product must have shape {(count, dim)}, "
+                         f"got {tuple(start_product.shape)}")
+    return start.to(device, dtype)
+
+
+def _orthogonalise(
+    w: torch.Tensor, basis: torch.Tensor, k: int, betas: torch.Tensor, live: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Lanczos recurrence step on ``w = S q_k`` in place: subtract ``alpha_k q_k`` and
+    ``beta_{k-1} q_{k-1}``, then reorthogonalise against the whole basis. Returns alpha_k
+    and the remaining norm beta_k."""
+    q = basis[:, k]
+    alpha = (w * q).sum(1)
+    w -= alpha[:, None] * q
+    if k > 0:
+        w -= betas[:, k - 1, None].to(w.dtype) * basis[:, k - 1]
+    span = basis[:, : k + 1]
+    before = w.norm(dim=1)
+    # Full reorthogonalisation, repeated when it cancelled much of w (DGKS criterion).
+    for _ in range(2):
+        w -= torch.bmm(span.transpose(1, 2), torch.bmm(span, w[:, :, None]))[:, :, 0]
+        beta = w.norm(dim=1)
+        if not bool((live & (beta < 0.7071 * before)).any()):
+            break
+        before = beta
+    return alpha, beta
+
+
+def _ritz_vectors(
+    span: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, theta: torch.Tensor
+) -> torch.Tensor:
+    """Unit Ritz vectors for ``theta``: the tridiagonals' eigenvectors mapped back through
+    the Krylov basis ``span`` (J, k, D)."""
+    s = _tridiagonal_vector(alpha, beta, theta)
+    return _unit(torch.einsum("jkd,jk->jd", span.double(), s))
+
+
+def _regrown_basis(
+    basis: torch.Tensor, k: int, steps: int, keep: torch.Tensor | None
+) -> torch.Tensor:
+    """A copy of the basis's first k + 1 vectors, with the rows ``keep`` only (all when
+    None), in a buffer twice as long when the current one is full."""
+    full = k + 2 > basis.shape[1]
+    slots = min(steps + 1, 2 * basis.shape[1]) if full else basis.shape[1]
+    in_use = basis[keep, : k + 1] if keep is not None else basis[:, : k + 1]
+    grown = torch.empty(in_use.shape[0], slots, *basis.shape[2:], dtype=basis.dtype,
+                        device=basis.device)
+    grown[:, : k + 1] = in_use
+    return grown
 
 
 def _unit(v: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,7 @@ import torch
 import torch.fx as fx
 
 from ...errors import AnalysisError
+from ...linears import LinearSite
 from .eigen import EigenResult, exact_smallest
 from .recording import collect
 from .report import SplittingReport
@@ -103,61 +104,33 @@ def analyze(
             index); targets that are not linears of the graph; the activation form for a
             target with no elementwise activation; unknown form or method.
     """
-    if not isinstance(gm, fx.GraphModule):
-        raise AnalysisError(f"analyze expects a torch.fx.GraphModule (see fxgrow.trace), "
-                            f"got {type(gm).__name__}")
-    if form not in ("operator", "activation"):
-        raise AnalysisError(f"form must be 'operator' or 'activation', got {form!r}")
-    if method not in ("fast", "exact"):
-        raise AnalysisError(f"method must be 'fast' or 'exact', got {method!r}")
-    if isinstance(reservoir_tokens, bool) or not isinstance(reservoir_tokens, int) \
-            or reservoir_tokens < 1:
-        raise AnalysisError(f"reservoir_tokens must be a positive int, got {reservoir_tokens!r}")
+    _check_arguments(gm, form, method, reservoir_tokens)
     chosen = resolve_targets(gm, targets, form)
     device = torch.device(device) if device is not None else _model_device(gm)
-
-    biases = {t: ss[0].has_bias(gm) for t, ss in chosen.items()}
-    dims = {t: ss[0].in_features + int(biases[t]) for t, ss in chosen.items()}
-    outs = {t: ss[0].out_features for t, ss in chosen.items()}
-    accumulators: dict[str, ExactSums | Reservoir] = {}
-    for i, t in enumerate(chosen):
-        if method == "exact":
-            accumulators[t] = ExactSums(dims[t], outs[t], device)
-        else:
-            accumulators[t] = Reservoir(outs[t], reservoir_tokens, device, seed=(seed, i))
+    accumulators = {
+        t: _accumulator(gm, sites[0], method, reservoir_tokens, device, seed=(seed, i))
+        for i, (t, sites) in enumerate(chosen.items())
+    }
     n_batches = collect(gm, batches, loss_fn, chosen, form, accumulators, progress)
-
-    constant = GELU_CURVATURE if form == "operator" else 1.0
-    results: dict[str, EigenResult] = {}
-    problems: list[Problem] = []
-    for i, (t, acc) in enumerate(accumulators.items()):
-        if isinstance(acc, ExactSums):
-            results[t] = exact_smallest(acc.matrices(constant / n_batches), outs[t],
-                                        eigenvectors=eigenvectors)
-            continue
-        x, h = acc.data(dims[t] - int(biases[t]))
-        scale = constant / n_batches * acc.tokens / max(acc.filled, 1)
-        problems.append(Problem(t, x, h, scale, biases[t], seed + i))
-    results.update(solve_fast(problems, tol=tol, max_iter=max_iter,
-                              eigenvectors=eigenvectors, device=device))
-    values = {t: results[t].values.cpu() for t in accumulators}
-    vectors = {t: results[t].vectors.cpu() for t in accumulators} if eigenvectors else {}
-    tokens = {t: acc.tokens for t, acc in accumulators.items()}
-    kept = {t: acc.tokens if isinstance(acc, ExactSums) else acc.filled
-            for t, acc in accumulators.items()}
-    unconverged = {t: results[t].nonconverged for t in accumulators}
+    constant = _curvature(form)
+    results = _solve(gm, chosen, accumulators, constant / n_batches, seed=seed, tol=tol,
+                     max_iter=max_iter, eigenvectors=eigenvectors, device=device)
     settings = {
         "form": form, "method": method, "reservoir_tokens": reservoir_tokens,
         "batches": n_batches, "seed": seed, "tol": tol, "max_iter": max_iter,
         "constant": constant,
     }
     return SplittingReport(
-        eigenvalues=values,
+        eigenvalues={t: results[t].values.cpu() for t in chosen},
         fan_in={t: ss[0].in_features for t, ss in chosen.items()},
-        bias=biases, tokens=tokens, reservoir=kept, nonconverged=unconverged, settings=settings,
-        eigenvectors=vectors if eigenvectors else None,
+        bias={t: ss[0].has_bias(gm) for t, ss in chosen.items()},
+        tokens={t: acc.tokens for t, acc in accumulators.items()},
+        reservoir={t: acc.tokens if isinstance(acc, ExactSums) else acc.filled
+                   for t, acc in accumulators.items()},
+        nonconverged={t: results[t].nonconverged for t in chosen},
+        settings=settings,
+        eigenvectors={t: results[t].vectors.cpu() for t in chosen} if eigenvectors else None,
     )
-
 
 
 def splitting_matrices(
@@ -172,19 +145,65 @@ def splitting_matrices(
     """The dense float64 splitting matrices (out_features, D, D) of each target, exactly as
     ``analyze(..., method="exact")`` forms them (same arguments and definitions). Memory is
     J D^2 per target: meant for small layers, tests and inspection."""
-    if form not in ("operator", "activation"):
-        raise AnalysisError(f"form must be 'operator' or 'activation', got {form!r}")
+    _check_arguments(gm, form, "exact", 1)
     chosen = resolve_targets(gm, targets, form)
     device = torch.device(device) if device is not None else _model_device(gm)
-    accumulators: dict[str, ExactSums] = {
-        t: ExactSums(ss[0].in_features + int(ss[0].has_bias(gm)), ss[0].out_features, device)
-        for t, ss in chosen.items()
-    }
+    accumulators = {t: _accumulator(gm, ss[0], "exact", 0, device, seed=(0, 0))
+                    for t, ss in chosen.items()}
     n_batches = collect(gm, batches, loss_fn, chosen, form, accumulators, progress=False)
-    constant = GELU_CURVATURE if form == "operator" else 1.0
-    return {
-        t: acc.matrices(constant / n_batches)(0, acc.count) for t, acc in accumulators.items()
-    }
+    scale = _curvature(form) / n_batches
+    return {t: acc.matrices(scale)(0, acc.count) for t, acc in accumulators.items()}
+
+
+def _check_arguments(gm: Any, form: str, method: str, reservoir_tokens: Any) -> None:
+    if not isinstance(gm, fx.GraphModule):
+        raise AnalysisError(f"analyze expects a torch.fx.GraphModule (see fxgrow.trace), "
+                            f"got {type(gm).__name__}")
+    if form not in ("operator", "activation"):
+        raise AnalysisError(f"form must be 'operator' or 'activation', got {form!r}")
+    if method not in ("fast", "exact"):
+        raise AnalysisError(f"method must be 'fast' or 'exact', got {method!r}")
+    if isinstance(reservoir_tokens, bool) or not isinstance(reservoir_tokens, int) \
+            or reservoir_tokens < 1:
+        raise AnalysisError(f"reservoir_tokens must be a positive int, got {reservoir_tokens!r}")
+
+
+def _curvature(form: str) -> float:
+    """The constant c of S_j = c / B sum h x~ x~^T (see the module docstring)."""
+    return GELU_CURVATURE if form == "operator" else 1.0
+
+
+def _accumulator(
+    gm: fx.GraphModule, site: LinearSite, method: str, reservoir_tokens: int,
+    device: torch.device, seed: tuple[int, int],
+) -> ExactSums | Reservoir:
+    if method == "exact":
+        return ExactSums(site.in_features + int(site.has_bias(gm)), site.out_features, device)
+    return Reservoir(site.out_features, reservoir_tokens, device, seed=seed)
+
+
+def _solve(
+    gm: fx.GraphModule, chosen: dict[str, list[LinearSite]],
+    accumulators: dict[str, ExactSums | Reservoir], scale: float, *, seed: int, tol: float,
+    max_iter: int, eigenvectors: bool, device: torch.device,
+) -> dict[str, EigenResult]:
+    """The smallest eigenpairs of every target's matrices ``scale * sum h x~ x~^T``: dense
+    for exact sums, batched Lanczos on the reservoir's implicit product otherwise."""
+    results: dict[str, EigenResult] = {}
+    problems: list[Problem] = []
+    for i, (t, acc) in enumerate(accumulators.items()):
+        site = chosen[t][0]
+        if isinstance(acc, ExactSums):
+            results[t] = exact_smallest(acc.matrices(scale), site.out_features,
+                                        eigenvectors=eigenvectors)
+            continue
+        x, h = acc.data(site.in_features)
+        # the reservoir estimates the sum over all tokens from the ones it kept
+        problems.append(Problem(t, x, h, scale * acc.tokens / max(acc.filled, 1),
+                                site.has_bias(gm), seed + i))
+    results.update(solve_fast(problems, tol=tol, max_iter=max_iter,
+                              eigenvectors=eigenvectors, device=device))
+    return results
 
 
 def _model_device(gm: fx.GraphModule) -> torch.device:
