@@ -32,12 +32,7 @@ from .gemm import gemm_nt, onednn_applies
 
 # Weight of the random part mixed into a given start vector (both unit norm), so that no
 # eigenvector is absent from the start. Small, so that a start which already meets the
-# tolerance stops after one product. Measured on reduced DeiT-S (all 48 layers, 40 steps,
-# against a dense float64 solve): products per fc1 neuron 1.1 at 0.01 against 2.3 at 0.1,
-# the whole solve 19% faster, neurons off by more than 3% 0.51% against 0.48%; on a small
-# ViT (5 seeds x 1408 neurons) 41 off at both. From random starts instead: 6.0 products per
-# neuron on DeiT-S where the token start needs 3.8 (at 0.1), and 40 of the small ViT's
-# neurons converged to lambda_2 where the token start let 6 do so.
+# tolerance stops after one product (benchmarks/bench_analyze.py counts the products).
 START_NOISE = 0.01
 NORM_FLOOR = 1e-3  # eigenvalues smaller than this times ||S_j|| are resolved absolutely
 _FIRST_SLOTS = 8  # Krylov vectors the basis first has room for (it grows by doubling)
@@ -182,10 +177,9 @@ def stacked_matvec(parts: Sequence[MatVec], counts: Sequence[int]) -> MatVec:
 def _gemm_width(count: int) -> int:
     """``count`` rounded up to one of four steps per power of two (at most 25% more).
 
-    oneDNN builds a kernel for every new GEMM shape (about 5 ms for a first (3152 x 384) x
-    (384 x 500) product, twice the product itself); the shrinking active set of a Lanczos
-    run would otherwise ask for a new shape at almost every drop. Measured on DeiT-S's 12
-    qkv layers: their products 7% faster."""
+    oneDNN builds a kernel for every new GEMM shape, and the shrinking active set of a
+    Lanczos run would otherwise ask for a new shape at almost every drop
+    (benchmarks/bench_kernels.py measures a new shape against a repeated one)."""
     step = 1 << max(0, count.bit_length() - 3)
     return -(-count // step) * step
 
@@ -258,8 +252,8 @@ def _token_ritz(
     return basis, y, vectors[:, :, 0]
 
 
-# Measured for J = 576: numpy's batched eigvalsh 0.4 ms at m = 3 and 1.1 ms at m = 8
-# against 2.0 and 1.7 ms for dstebz in a Python loop; 4.8 against 3.1 ms at m = 20.
+# Where numpy's batched dense solver stops beating bisection per matrix (O(m^3) against
+# O(m) per probe, with a Python loop over the matrices): benchmarks/bench_kernels.py.
 _DENSE_TRIDIAGONAL = 12
 
 

@@ -1,9 +1,9 @@
 """Float32 GEMMs through oneDNN.
 
-PyTorch's CPU ``matmul`` calls MKL, whose float32 GEMM runs 2.3x slower than oneDNN's on
-this project's AMD (Zen 5) CPU: about 105 against 240 GFLOP/s on one core, measured on the
-eigensolver's (3152 x 384) x (384 x 576) products. oneDNN's GEMM in its default (strict)
-math mode is plain float32 arithmetic, so the analysis routes its own products through it: the eigensolver's
+PyTorch's CPU ``matmul`` calls MKL, whose float32 GEMM is much slower than oneDNN's on some
+CPUs (AMD Zen) and as fast on others (benchmarks/bench_kernels.py measures both; the
+README lists a run). oneDNN's GEMM in its default (strict) math mode is plain float32
+arithmetic, so the analysis routes its own products through it: the eigensolver's
 (:func:`gemm_nt`) and the linears of its recording copy of the model (:func:`linear`).
 Other dtypes and devices, and builds without the op, use ``torch.matmul`` and
 ``F.linear``.

@@ -85,19 +85,14 @@ def analyze(
     statistics and eigensolvers live (default: the device of the model's parameters).
 
     The defaults (``tol`` 3e-2, ``max_iter`` 40) are enough for ranking: the eigenvalue
-    error is about residual^2 / gap. Measured on all 48 layers of reduced DeiT-S at batch
-    16 against a dense float64 solve: median relative error 1.3e-4, 90th percentile 8e-4,
-    99th 5e-3; 0.5% of the neurons off by more than 3% (errors of eigenvalues below 1e-3 of
-    their layer's largest taken against that level). Most of those have eigenvalues below
-    1% of their layer's largest, or sit at the edge of a dense spectrum (qkv's k and v
-    neurons), where Lanczos converges slowly; a neuron still unconverged after ``max_iter``
-    steps keeps its Ritz value, an upper bound, and is counted in ``report.nonconverged``.
-    ``max_iter=100`` halves the share off by more than 3%, for about 25% more time.
+    error is about residual^2 / gap (see docs/lanczos.md; the README lists the errors
+    benchmarks/bench_analyze.py measures against a dense float64 solve). Neurons at the edge
+    of a dense spectrum converge slowly; one still unconverged after ``max_iter`` steps
+    keeps its Ritz value, an upper bound, and is counted in ``report.nonconverged``.
 
     Size the reservoir to hold every token when the ranking matters: S_j is a small mean of
-    large terms of both signs, so a subsample estimates it poorly (measured on DeiT-S at
-    batch 16: 1024 of 3152 tokens gave a median relative eigenvalue error near 1 and plans
-    overlapping about a third with the exact ones; benchmarks/bench_analyze.py).
+    large terms of both signs, so a subsample estimates it poorly (benchmarks/bench_analyze.py
+    measures the eigenvalue errors and plan overlap of a smaller reservoir).
 
     Raises:
         AnalysisError: no batches; a batch whose loss is not a finite scalar (named by its
