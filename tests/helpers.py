@@ -52,3 +52,19 @@ def growth_params(gm, plan, mode="paper"):
         copies * len(indices) * (sites[t][0].in_features + int(sites[t][0].has_bias(gm)))
         for t, indices in plan.items()
     )
+
+
+def paper_selection(eigenvalues, budget, layer_threshold):
+    """The paper's selection rule written out, on ``{target: eigenvalues}`` in graph order:
+    negative eigenvalues only, targets with fewer than ``layer_threshold`` of them skipped,
+    most negative first (ties by graph order, then neuron index), ``budget`` neurons."""
+    ranked = []
+    for rank, (target, values) in enumerate(eigenvalues.items()):
+        values = values.tolist() if hasattr(values, "tolist") else list(values)
+        negative = [(v, rank, i, target) for i, v in enumerate(values) if v < 0]
+        if len(negative) >= layer_threshold:
+            ranked += negative
+    plan = {}
+    for _, _, i, target in sorted(ranked)[:budget]:
+        plan.setdefault(target, []).append(i)
+    return {t: sorted(v) for t, v in plan.items()}

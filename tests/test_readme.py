@@ -2,27 +2,13 @@ import re
 from pathlib import Path
 
 import fxgrow
-from helpers import growth_params, vit_flops, vit_params, vit_shape
+from helpers import growth_params, paper_selection, vit_flops, vit_params, vit_shape
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def _python_blocks(text: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", text, flags=re.S)
-
-
-def _paper_rule(report, budget, layer_threshold):
-    """The selection rule of the paper, written out: negative eigenvalues only, layers with
-    fewer than the threshold skipped, most negative first, ties by graph order then index."""
-    ranked = []
-    for rank, (target, values) in enumerate(report.eigenvalues.items()):
-        negative = [(float(v), rank, i) for i, v in enumerate(values.tolist()) if v < 0]
-        if len(negative) >= layer_threshold:
-            ranked += [(v, rank, i, target) for v, rank, i in negative]
-    plan: dict[str, list[int]] = {}
-    for _, _, i, target in sorted(ranked)[:budget]:
-        plan.setdefault(target, []).append(i)
-    return {t: sorted(v) for t, v in plan.items()}
 
 
 def test_readme_quickstart_runs_and_prints_the_closed_form_counts(capsys):
@@ -41,7 +27,7 @@ def test_readme_quickstart_runs_and_prints_the_closed_form_counts(capsys):
     assert base_params == vit_params(**shape)
 
     base, plan, report = namespace["base"], namespace["plan"], namespace["report"]
-    expected_plan = _paper_rule(report, budget=48, layer_threshold=4)
+    expected_plan = paper_selection(report.eigenvalues, budget=48, layer_threshold=4)
     assert {t: list(plan[t]) for t in plan} == expected_plan
     assert 0 < sum(len(v) for v in expected_plan.values()) <= 48
     assert grown_params == base_params + growth_params(base, expected_plan)
