@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.fx as fx
 
-from ..._ops import ACTIVATION_FUNCTIONS, ACTIVATION_METHODS, ACTIVATION_MODULES
+from ..._ops import is_activation
 from ...errors import AnalysisError
 from ...linears import LinearSite, linear_sites
 
@@ -39,17 +39,15 @@ def elementwise_activation(gm: fx.GraphModule, site: LinearSite) -> tuple[fx.Nod
     if not act.args or act.args[0] is not site.node:
         return None
     rest = act.args[1:]
-    if any(isinstance(a, fx.Node) for a in (*rest, *act.kwargs.values())):
+    if not is_activation(gm, act) or any(
+        isinstance(a, fx.Node) for a in (*rest, *act.kwargs.values())
+    ):
         return None
     if act.op == "call_module":
-        module = gm.get_submodule(act.target)
-        if isinstance(module, ACTIVATION_MODULES) and not rest and not act.kwargs:
-            return act, module
-    elif act.op == "call_function" and act.target in ACTIVATION_FUNCTIONS:
+        return (act, gm.get_submodule(act.target)) if not rest and not act.kwargs else None
+    if act.op == "call_function":
         return act, functools.partial(_call_first, act.target, rest, dict(act.kwargs))
-    elif act.op == "call_method" and act.target in ACTIVATION_METHODS:
-        return act, functools.partial(_call_method, act.target, rest, dict(act.kwargs))
-    return None
+    return act, functools.partial(_call_method, act.target, rest, dict(act.kwargs))
 
 
 def _call_first(fn: Callable, rest: tuple, kwargs: dict, x: torch.Tensor) -> torch.Tensor:
