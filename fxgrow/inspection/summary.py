@@ -1,8 +1,9 @@
 """Looking inside a (grown) GraphModule: a per-node summary and growth depths.
 
-Growth facts come from the ``grow`` records of the graph's history (docs/growth.md):
-every record lists the modules it created, the target each grew from and which of the
-target's neurons each new row copies. From those, per neuron of a target:
+Growth facts come from the ``grow`` records of the graph's history (docs/growth.md), read by
+:func:`fxgrow.passes.grow.created_modules`: every record lists the modules it created, the
+target each grew from and which of the target's neurons each new row copies. From those,
+per neuron of a target:
 
 - *layers*: how many pseudo-layers were stacked directly on the neuron (one per growth round
   that selected it);
