@@ -397,15 +397,9 @@ def lanczos_smallest(
         betas[:, k] = beta.double()
         done_at = k + 1
 
-        theta = torch.zeros(len(rows), **f64)
-        last2 = torch.zeros(len(rows), **f64)
-        theta[live], last2[live] = _smallest_tridiagonal(alphas[live, : k + 1], betas[live, :k])
-        norm_est = torch.maximum(torch.maximum(norm_est, alphas[:, k].abs()), betas[:, k])
-        norm_est = torch.maximum(norm_est, theta.abs())
-        res = betas[:, k] * last2.sqrt()
-        exhausted = betas[:, k] <= exhausted_level * norm_est
-        scale = torch.maximum(theta.abs(), NORM_FLOOR * norm_est)
-        finished = (res <= tol * scale) | exhausted
+        theta, res, exhausted, norm_est = _ritz_values(alphas, betas, k, live, norm_est,
+                                                       exhausted_level)
+        finished = (res <= tol * torch.maximum(theta.abs(), NORM_FLOOR * norm_est)) | exhausted
         last = k + 1 == steps
         leaving = live & (finished | last)
         if bool(leaving.any()):
@@ -475,6 +469,23 @@ def _orthogonalise(
             break
         before = beta
     return alpha, beta
+
+
+def _ritz_values(
+    alphas: torch.Tensor, betas: torch.Tensor, k: int, live: torch.Tensor,
+    norm_est: torch.Tensor, exhausted_level: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """After step k: the smallest Ritz value of every live matrix (0 for the others), its
+    residual ``beta_k |s_k|``, whether the Krylov space is exhausted, and the updated lower
+    bound of ``||S_j||``."""
+    f64 = dict(dtype=torch.float64, device=alphas.device)
+    theta = torch.zeros(len(live), **f64)
+    last2 = torch.zeros(len(live), **f64)
+    theta[live], last2[live] = _smallest_tridiagonal(alphas[live, : k + 1], betas[live, :k])
+    norm_est = torch.maximum(torch.maximum(norm_est, alphas[:, k].abs()), betas[:, k])
+    norm_est = torch.maximum(norm_est, theta.abs())
+    residual = betas[:, k] * last2.sqrt()
+    return theta, residual, betas[:, k] <= exhausted_level * norm_est, norm_est
 
 
 def _ritz_vectors(
