@@ -9,6 +9,7 @@ from .errors import (
     AnalysisError,
     CheckpointError,
     DataError,
+    DeepenError,
     EquivalenceError,
     FxgrowError,
     ModelError,
@@ -16,6 +17,7 @@ from .errors import (
     ReduceError,
     ScheduleError,
     TraceError,
+    WidenError,
 )
 from .recipes import history, recipe
 from .linears import LinearSite, linear_sites
@@ -46,6 +48,7 @@ __all__ = [
     "AnalysisError",
     "CheckpointError",
     "DataError",
+    "DeepenError",
     "diff",
     "distributed",
     "draw_growth",
@@ -75,4 +78,5 @@ __all__ = [
     "TraceError",
     "training",
     "verify",
+    "WidenError",
 ]

@@ -39,3 +39,13 @@ class DataError(FxgrowError):
 
 class ModelError(FxgrowError):
     """A model spec or builder name that fxgrow cannot build."""
+
+
+class WidenError(FxgrowError):
+    """A width expansion the model's structure does not allow (no residual stream, a width
+    that does not fit the heads or the MLP ratio, an unknown operator)."""
+
+
+class DeepenError(FxgrowError):
+    """A depth expansion the model's structure does not allow (no repeated blocks, a block
+    that reads values from outside it, an unknown operator)."""

@@ -1,16 +1,20 @@
 """Graph passes. Each takes a GraphModule and returns a new one; the input is never mutated."""
 
+from .expansion import ParamSource, expansion_map
 from .analysis import SplittingReport, analyze, default_targets, splitting_matrices
 from .grow import grow, grow_lineage, replay_grow
 from .replay import register_replay, registered_passes, replay_history
 from .reduce import ReduceSpec, reduce, replay_reduce
 from .width_groups import WidthGroup, width_groups
+from .widen import widen
 
 __all__ = [
     "analyze",
     "default_targets",
+    "expansion_map",
     "grow",
     "grow_lineage",
+    "ParamSource",
     "reduce",
     "ReduceSpec",
     "register_replay",
@@ -22,4 +26,5 @@ __all__ = [
     "SplittingReport",
     "width_groups",
     "WidthGroup",
+    "widen",
 ]
