@@ -1,5 +1,6 @@
 """Graph passes. Each takes a GraphModule and returns a new one; the input is never mutated."""
 
+from .deepen import deepen
 from .expansion import ParamSource, expansion_map
 from .analysis import SplittingReport, analyze, default_targets, splitting_matrices
 from .grow import grow, grow_lineage, replay_grow
@@ -10,6 +11,7 @@ from .widen import widen
 
 __all__ = [
     "analyze",
+    "deepen",
     "default_targets",
     "expansion_map",
     "grow",
