@@ -298,14 +298,15 @@ def _fill(param: nn.Parameter, old_name: str, new_name: str, zeroed: set[str], f
     with torch.no_grad():
         if old_name in zeroed:
             param.zero_()
-            sources[new_name] = ParamSource(None, tuple(param.shape), zero=True)
+            sources[new_name] = ParamSource(None, tuple(param.shape), zero=True,
+                                            template=old_name)
             return
         if fresh and isinstance(owner, nn.Linear):
             if local == "weight":
                 param.copy_(_trunc_normal(param.shape, generator))
             else:
                 param.zero_()
-            sources[new_name] = ParamSource(None, tuple(param.shape))
+            sources[new_name] = ParamSource(None, tuple(param.shape), template=old_name)
             return
         sources[new_name] = ParamSource(old_name, tuple(param.shape))
 

@@ -38,6 +38,12 @@ class ParamSource:
     coef: tuple[torch.Tensor | None, ...] = field(default=())
     block: tuple[torch.Tensor | None, ...] = field(default=())
     zero: bool = False  # every entry zero (an identity block's zeroed parameter)
+    template: str | None = None  # the old parameter whose optimizer group a new one joins
+
+    @property
+    def group_of(self) -> str | None:
+        """The old parameter whose optimizer param group the new parameter joins."""
+        return self.source if self.source is not None else self.template
 
     def apply(self, old: torch.Tensor) -> torch.Tensor:
         """The new tensor built from ``old`` (a parameter, or optimizer state of its shape)."""
