@@ -15,6 +15,9 @@ examples:
   fxgrow scale --model tiny_vit --reduce --epochs 12 --warmup 4 --interval 3 \\
       --end-epoch 10 --budget 64 --layer-threshold 2 --run-dir runs/digits
   fxgrow scale --resume runs/digits                   # continue a killed run
+  fxgrow scale --model tiny_vit --model-kwargs '{"embed_dim": 32, "depth": 2}' --epochs 6 \
+      --triple-width 64 --triple-depth 4 --triple-stage1 1 --triple-stage2 1 --run-dir runs/t3
+                                       # TripLe: widen, stage I, deepen (+m), II, III
   fxgrow compare --model tiny_vit --epochs 12 --warmup 4 --interval 3 --end-epoch 10 \\
       --budget 64 --layer-threshold 2 --run-dir runs/compare
   fxgrow scale --model vit_tiny_patch16_224 \\
@@ -94,6 +97,20 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--growth-mode", choices=("paper", "fused"), default="paper")
     s.add_argument("--init-state", choices=("fresh", "parent"), default="fresh",
                    help="optimizer state of new params (parent: copied from the grown neuron)")
+    t = p.add_argument_group("TripLe schedule (widen before training, deepen after stage I)")
+    t.add_argument("--triple-width", type=int, default=None,
+                   help="residual width to widen to before training")
+    t.add_argument("--triple-depth", type=int, default=None,
+                   help="blocks after stage I (omit: TripLe without depth expansion)")
+    t.add_argument("--triple-stage1", type=int, default=1, help="stage I epochs")
+    t.add_argument("--triple-stage2", type=int, default=1,
+                   help="stage II epochs (old blocks frozen)")
+    t.add_argument("--triple-width-op", choices=("st", "b2b", "pad0"), default="st")
+    t.add_argument("--triple-heads", choices=("follow", "keep"), default="follow")
+    t.add_argument("--triple-depth-op", choices=("stck", "inpt", "st", "st_stck", "st_inpt"),
+                   default="stck")
+    t.add_argument("--triple-fresh-state", action="store_true",
+                   help='"-m": drop the optimizer state at each expansion (default "+m")')
     p.add_argument("--run-dir", default=None, help="new run directory (refused if it exists)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue the run in RUN_DIR (all other options come from it)")
@@ -233,6 +250,8 @@ def _schedule(args: argparse.Namespace):
     from .training.scaler import ScalingSchedule
 
     if args.budget is None and args.param_target is None:
+        if _triple(args) is not None:
+            return None  # a TripLe run without neuron growth
         raise ScheduleError("give --budget (per round) or --param-target (final params)")
     return ScalingSchedule(
         warmup_epochs=args.warmup, interval=args.interval,
@@ -243,6 +262,19 @@ def _schedule(args: argparse.Namespace):
         analysis_batches=args.analysis_batches, method=args.method, reservoir=args.reservoir,
         scale=args.growth_scale, mode=args.growth_mode, init_state=args.init_state,
         epochs=args.epochs,
+    )
+
+
+def _triple(args: argparse.Namespace):
+    if getattr(args, "triple_width", None) is None and getattr(args, "triple_depth", None) is None:
+        return None
+    from .training.triple import TripleSchedule
+
+    return TripleSchedule(
+        width=args.triple_width, depth=args.triple_depth, stage1_epochs=args.triple_stage1,
+        stage2_epochs=args.triple_stage2, width_operator=args.triple_width_op,
+        heads=args.triple_heads, depth_operator=args.triple_depth_op,
+        carry_state=not args.triple_fresh_state, seed=args.seed,
     )
 
 
@@ -311,7 +343,8 @@ def cmd_scale(args: argparse.Namespace) -> int:
     schedule = _schedule(args)
     bundle, model, config = _setup(args, reduced=args.reduce)
     result = fit(model, bundle, config, str(run_dir), schedule=schedule,
-                 run_config={"cli": cli}, resume=bool(args.resume), quiet=args.quiet)
+                 run_config={"cli": cli}, resume=bool(args.resume), quiet=args.quiet,
+                 triple=_triple(args))
     if distributed.is_main():
         print(result.summary)
         print(f"run directory: {run_dir}")

@@ -40,6 +40,7 @@ from ..errors import ScheduleError
 from ..recipes import recipe
 from .rundir import RunDir, summary_table
 from .scaler import Scaler, ScalingSchedule
+from .triple import TripleScaler, TripleSchedule
 
 
 @dataclass
@@ -137,6 +138,7 @@ class RunResult:
     metrics: list[dict[str, Any]]
     growth: list[dict[str, Any]]
     summary: str
+    expansions: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 class _FlopCache:
@@ -164,6 +166,7 @@ def fit(
     run_config: dict[str, Any] | None = None,
     resume: bool = False,
     quiet: bool = False,
+    triple: TripleSchedule | None = None,
 ) -> RunResult:
     """Train ``model`` (a GraphModule with a base spec, so it can be checkpointed) on
     ``bundle``, growing it on ``schedule``, logging into the new directory ``run_dir``.
@@ -173,10 +176,21 @@ def fit(
     weights come from the checkpoint. ``run_config`` is extra JSON the run directory
     records (what the command line was given); a resume with a different one is refused.
 
+    ``triple`` runs TripLe's serialized schedule (:mod:`fxgrow.training.triple`): the model
+    is widened before training and deepened after stage I, with or without growth rounds.
+
     Raises:
         CheckpointError: ``run_dir`` exists without ``resume``; no or a foreign checkpoint.
+        ScheduleError: ``resume`` of a run with a TripLe schedule (not supported).
     """
     from ..verify import count_params
+
+    tripler = None
+    if triple is not None:
+        if resume:
+            raise ScheduleError("resuming a run with a TripLe schedule is not supported")
+        tripler = TripleScaler(triple)
+        model, _ = tripler.start(model)
 
     rank, world = distributed.rank_world()
     main = rank == 0
@@ -197,6 +211,8 @@ def fit(
         "start_history": recipe(model)["history"],
         "extra": run_config or {},
     }
+    if triple is not None:
+        full_config["triple"] = triple.to_dict()
     full_config = _json_roundtrip(full_config)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     if config.batch_size > len(bundle.train):
@@ -317,6 +333,8 @@ def fit(
             if config.clip_grad is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
             optimizer.step()
+            if tripler is not None:
+                tripler.after_step()
             scheduler.step()
             loss_sum += loss.item()
             steps += 1
@@ -330,13 +348,32 @@ def fit(
         metrics.append(record)
         save(epoch, "epoch")
         checkpoint.fault_point("epoch_end")
+        if tripler is not None:
+            model, optimizer, changed = tripler.after_epoch(epoch, model, optimizer)
+            if changed:
+                scheduler = _rebind_scheduler(scheduler, optimizer)
+                net = distributed.wrap(model, previous=net)
+                if scaler is not None:
+                    scaler.model, scaler.optimizer = model, optimizer
+                save(epoch, "expanded")
         if grow_after(epoch):
             checkpoint.fault_point("after_growth")
     records = scaler.records if scaler is not None else []
     if main:
         run.plot_metrics(metrics, [r["epoch"] for r in records if r.get("grown")])
     summary = summary_table(metrics, records)
-    return RunResult(model, metrics, records, summary)
+    return RunResult(model, metrics, records, summary,
+                     tripler.records if tripler is not None else [])
+
+
+def _rebind_scheduler(scheduler: torch.optim.lr_scheduler.LambdaLR,
+                      optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    """The same schedule, at the same step, driving a new optimizer (groups keep their
+    ``initial_lr``). The constructor takes one step, hence the step before."""
+    factors = scheduler.lr_lambdas
+    factors = factors if len(factors) == len(optimizer.param_groups) else factors[0]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factors,
+                                             last_epoch=scheduler.last_epoch - 1)
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
