@@ -1,8 +1,6 @@
 """TripLe's width and depth operators as graph passes: what each preserves (docs/triple.md),
 TripLe's Investigation 1 on a tiny ViT, DeiT-Ti -> DeiT-S width and DeiT-S -> 24 blocks."""
 
-import copy
-
 import pytest
 import timm
 import torch

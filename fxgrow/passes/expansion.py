@@ -15,9 +15,7 @@ state (``fxgrow.training.expand``). A pass stores the maps of its result in
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.fx as fx
@@ -82,12 +80,8 @@ class ParamSource:
         if tuple(out.shape) != tuple(self.shape):
             raise FxgrowError(f"fxgrow internal error: mapped {self.source!r} to shape "
                               f"{tuple(out.shape)}, expected {self.shape}")
-        return out.clone() if out is old else out.contiguous()
-
-
-def identity_source(name: str, tensor: torch.Tensor) -> ParamSource:
-    """A copy of ``tensor`` (a parameter that a pass copied under a new name)."""
-    return ParamSource(name, tuple(tensor.shape))
+        out = out.contiguous()
+        return out.clone() if out.data_ptr() == old.data_ptr() else out
 
 
 def expansion_map(gm: fx.GraphModule) -> dict[str, ParamSource]:
@@ -101,13 +95,3 @@ def expansion_map(gm: fx.GraphModule) -> dict[str, ParamSource]:
 
 def set_expansion_map(gm: fx.GraphModule, pass_name: str, params: dict[str, ParamSource]) -> None:
     gm.meta[EXPANSION_KEY] = {"pass": pass_name, "params": dict(params)}
-
-
-def as_index(values: Sequence[int] | torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(values, dtype=torch.long)
-
-
-def describe(source: ParamSource) -> dict[str, Any]:
-    """A short JSON-able description (for reports): the source and which dims are mapped."""
-    return {"source": source.source, "shape": list(source.shape), "zero": source.zero,
-            "mapped_dims": [d for d, i in enumerate(source.index) if i is not None]}

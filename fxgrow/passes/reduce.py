@@ -402,16 +402,18 @@ def _rewrite_shape_args(node: fx.Node, new_node: fx.Node, analysis: WidthAnalysi
         new, dim = shapes.of(x_lab, x_old, node.name)
         if dim is None:
             return
-        key = "normalized_shape" if "normalized_shape" in node.kwargs else None
-        normalized = node.kwargs[key] if key else node.args[1]
-        k = len(normalized)
-        replacement = tuple(new[-k:])
-        if key:
-            new_node.kwargs = {**new_node.kwargs, key: replacement}
-        else:
-            args = list(new_node.args)
-            args[1] = replacement
-            new_node.args = tuple(args)
+        normalized = node.kwargs.get("normalized_shape", node.args[1] if len(node.args) > 1 else ())
+        set_layer_norm_shape(new_node, tuple(new[-len(normalized):]))
+
+
+def set_layer_norm_shape(node: fx.Node, shape: tuple[int, ...]) -> None:
+    """Give an ``F.layer_norm`` node the normalized shape ``shape`` (positional or keyword)."""
+    if "normalized_shape" in node.kwargs:
+        node.kwargs = {**node.kwargs, "normalized_shape": shape}
+    else:
+        args = list(node.args)
+        args[1] = shape
+        node.args = tuple(args)
 
 
 def _clone_module(module: nn.Module, tensors: Mapping[str, torch.Tensor], attrs: Mapping[str, Any]) -> nn.Module:

@@ -31,7 +31,6 @@ attention scale follows the new head dim (fused attention computes it; a constan
 
 from __future__ import annotations
 
-import copy
 import math
 import operator
 from collections.abc import Mapping, Sequence
@@ -39,8 +38,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-import scipy.sparse
-import scipy.sparse.csgraph
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -52,7 +49,9 @@ from ._rebuild import build_graph_module
 from .expansion import ParamSource, set_expansion_map
 from .replay import register_replay
 from .residual import residual_chain
-from .width_groups import _SDPA, WidthAnalysis, _Lab, _Labeller, analyse, compact, synthesise_inputs
+from .reduce import _clone_module, set_layer_norm_shape
+from .width_groups import (WidthAnalysis, _Lab, _Labeller, _label_classes, analyse, compact,
+                           synthesise_inputs)
 
 PASS_NAME = "widen"
 OPERATORS = ("st", "b2b", "pad0")
@@ -74,18 +73,6 @@ class _StreamLabeller(_Labeller):
         if n.op == "get_attr" and isinstance(lab, _Lab) and n.target not in self.frozen:
             return _Lab(lab.ids, True)
         return lab
-
-
-def _classes(labeller: _Labeller) -> np.ndarray:
-    n_ids = labeller.next_id
-    if labeller.unions:
-        a = torch.cat([u[0] for u in labeller.unions]).numpy()
-        b = torch.cat([u[1] for u in labeller.unions]).numpy()
-    else:
-        a = b = np.zeros(0, dtype=np.int64)
-    adjacency = scipy.sparse.coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)),
-                                        shape=(n_ids, n_ids))
-    return scipy.sparse.csgraph.connected_components(adjacency, directed=False)[1].astype(np.int64)
 
 
 @dataclass
@@ -114,7 +101,7 @@ def _stream(gm: fx.GraphModule, example: Sequence[Any]) -> _Stream:
         except Exception as exc:
             raise WidenError(f"the graph does not run on the example inputs: "
                              f"{type(exc).__name__}: {exc}") from exc
-    class_of = _classes(labeller)
+    class_of = _label_classes(labeller)[0]
     lab = labeller.labels.get(chain[1].name)
     if not isinstance(lab, _Lab):
         raise WidenError(f"the residual stream at node {chain[1].name!r} could not be followed")
@@ -611,30 +598,23 @@ def _install(gm: fx.GraphModule, new_params: Mapping[str, tuple[torch.Tensor, Pa
         sources[name] = source
         owner, _, field = name.rpartition(".")
         old = fx.graph_module._get_attr(gm, name)
-        param = nn.Parameter(tensor, requires_grad=old.requires_grad)
         if owner in called:
-            by_owner.setdefault(owner, {})[field] = param
+            by_owner.setdefault(owner, {})[field] = tensor
         else:
-            new_attrs[name] = param
+            new_attrs[name] = nn.Parameter(tensor, requires_grad=old.requires_grad)
     for owner, tensors in by_owner.items():
         module = gm.get_submodule(owner)
-        new = copy.copy(module)
-        new._parameters = module._parameters.copy()
-        new._buffers = module._buffers.copy()
-        new._modules = module._modules.copy()
-        new._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
-        new._parameters.update(tensors)
-        weight = new._parameters.get("weight")
-        if isinstance(new, nn.Linear):
-            new.out_features, new.in_features = weight.shape
-        elif isinstance(new, nn.Conv2d):
-            new.out_channels = weight.shape[0]
-        elif isinstance(new, nn.LayerNorm) and weight is not None:
-            new.normalized_shape = tuple(weight.shape)
-        elif not isinstance(new, (nn.Linear, nn.Conv2d, nn.LayerNorm)):
+        weight = tensors.get("weight", getattr(module, "weight", None))
+        if isinstance(module, nn.Linear):
+            attrs = {"out_features": weight.shape[0], "in_features": weight.shape[1]}
+        elif isinstance(module, nn.Conv2d):
+            attrs = {"out_channels": weight.shape[0]}
+        elif isinstance(module, nn.LayerNorm):
+            attrs = {"normalized_shape": tuple(weight.shape)}
+        else:
             raise WidenError(f"module {owner!r} ({type(module).__name__}) holds residual "
                              f"channels but widen does not know how to resize it")
-        new_attrs[owner] = new
+        new_attrs[owner] = _clone_module(module, tensors, attrs)
     return new_attrs, sources
 
 
@@ -748,15 +728,8 @@ def _rewrite_literals(gm: fx.GraphModule, graph: fx.Graph, val_map: dict[fx.Node
             x = node.args[0]
             if x.name not in shapes:
                 continue
-            key = "normalized_shape" if "normalized_shape" in node.kwargs else None
-            normalized = node.kwargs[key] if key else node.args[1]
-            replacement = tuple(shapes[x.name][-len(normalized):])
-            if key:
-                new_node.kwargs = {**new_node.kwargs, key: replacement}
-            else:
-                args = list(new_node.args)
-                args[1] = replacement
-                new_node.args = tuple(args)
+            normalized = node.kwargs.get("normalized_shape", node.args[1] if len(node.args) > 1 else ())
+            set_layer_norm_shape(new_node, tuple(shapes[x.name][-len(normalized):]))
         elif head_dims and name in ("mul", "truediv", "div") and node.op in (
                 "call_function", "call_method"):
             _rewrite_scale(node, new_node, head_dims, analysis)

@@ -4,6 +4,8 @@ The graph side of fxgrow (tracing, passes, verification, plans, saving, inspecti
 imports this package.
 """
 
+from .expand import expand_optimizer
 from .scaler import Scaler, ScalingSchedule
+from .triple import TripleScaler, TripleSchedule
 
-__all__ = ["Scaler", "ScalingSchedule"]
+__all__ = ["expand_optimizer", "Scaler", "ScalingSchedule", "TripleScaler", "TripleSchedule"]

@@ -78,23 +78,24 @@ class TripleSchedule:
         return dataclasses.asdict(self)
 
 
+def _node_params(model: fx.GraphModule, node: fx.Node, names: dict[int, str]) -> set[str]:
+    """The names of the parameters a node calls (a module) or reads (an attribute)."""
+    if node.op == "call_module":
+        return {names[id(p)] for p in model.get_submodule(node.target).parameters()}
+    if node.op == "get_attr":
+        value = fx.graph_module._get_attr(model, node.target)
+        if isinstance(value, nn.Parameter):
+            return {names[id(value)]}
+    return set()
+
+
 def _block_params(model: fx.GraphModule) -> list[set[str]]:
     """The parameter names of each block, in order (blocks found from the graph)."""
     from ..passes.residual import blocks
 
     names = {id(p): n for n, p in model.named_parameters(remove_duplicate=True)}
-    result = []
-    for block in blocks(model):
-        found: set[str] = set()
-        for node in block.nodes:
-            if node.op == "call_module":
-                found |= {names[id(p)] for p in model.get_submodule(node.target).parameters()}
-            elif node.op == "get_attr":
-                value = fx.graph_module._get_attr(model, node.target)
-                if isinstance(value, nn.Parameter):
-                    found.add(names[id(value)])
-        result.append(found)
-    return result
+    return [set().union(*(_node_params(model, node, names) for node in block.nodes))
+            for block in blocks(model)]
 
 
 def _embedding_params(model: fx.GraphModule, inside: set[str]) -> set[str]:
@@ -105,12 +106,7 @@ def _embedding_params(model: fx.GraphModule, inside: set[str]) -> set[str]:
     names = {id(p): n for n, p in model.named_parameters(remove_duplicate=True)}
     found: set[str] = set()
     for node in model.graph.nodes:
-        if node.op == "call_module":
-            found |= {names[id(p)] for p in model.get_submodule(node.target).parameters()}
-        elif node.op == "get_attr":
-            value = fx.graph_module._get_attr(model, node.target)
-            if isinstance(value, nn.Parameter):
-                found.add(names[id(value)])
+        found |= _node_params(model, node, names)
         if node is first:
             break
     return found - inside
