@@ -757,15 +757,36 @@ def _rewrite_scale(node: fx.Node, new_node: fx.Node, head_dims: dict[int, int],
 
 
 class _MetaRun(fx.Interpreter):
+    """A shape check on the meta device; linears and norms are checked and shaped directly
+    (meta kernels through functional_call cost more than the rest of the pass)."""
+
     def fetch_attr(self, target: str) -> Any:
         value = super().fetch_attr(target)
         return value.to("meta") if isinstance(value, torch.Tensor) else value
 
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
         module = self.module.get_submodule(target)
+        x = args[0] if args else None
+        if type(module) is nn.Linear and isinstance(x, torch.Tensor) and not kwargs:
+            if x.shape[-1] != module.in_features:
+                raise WidenError(f"linear {target!r} gets {x.shape[-1]} features, expects "
+                                 f"{module.in_features}")
+            return x.new_empty((*x.shape[:-1], module.out_features))
+        if isinstance(module, (nn.Identity, nn.Dropout, nn.GELU)) and len(args) == 1:
+            return torch.empty_like(x)
         state = {name: t.to("meta") for name, t in
                  [*module.named_parameters(), *module.named_buffers()]}
         return torch.func.functional_call(module, state, args, kwargs)
+
+    def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
+        if target is F.layer_norm:
+            x, shape = args[0], tuple(kwargs.get("normalized_shape", args[1] if len(args) > 1 else ()))
+            weight = kwargs.get("weight", args[2] if len(args) > 2 else None)
+            if tuple(x.shape[-len(shape):]) != shape or (
+                    weight is not None and tuple(weight.shape) != shape):
+                raise WidenError(f"layer_norm over {shape} of a {tuple(x.shape)} input")
+            return torch.empty_like(x)
+        return super().call_function(target, args, kwargs)
 
 
 def _check_runs(gm: fx.GraphModule, example: Sequence[Any]) -> None:
