@@ -32,6 +32,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .._ops import LAYER_NORM_FUNCTIONS, get_attr_value
 from ..errors import DeepenError
 from ..linears import linear_site
 from ._rebuild import build_graph_module
@@ -156,8 +157,7 @@ def _norm_params(gm: fx.GraphModule, node: fx.Node) -> set[str]:
         if isinstance(module, (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)):
             return {f"{node.target}.{n}" for n, p in module.named_parameters()}
         return set()
-    if node.op == "call_function" and getattr(node.target, "__name__", "") in (
-            "layer_norm", "rms_norm", "group_norm"):
+    if node.op == "call_function" and node.target in LAYER_NORM_FUNCTIONS:
         return {a.target for a in [*node.args, *node.kwargs.values()]
                 if isinstance(a, fx.Node) and a.op == "get_attr"}
     return set()
@@ -239,7 +239,7 @@ def deepen(
                         generator=generator, new_attrs=new_attrs, sources=sources)
         elif new_prefix != old_prefix:
             for target in dict.fromkeys(_targets(block)):
-                new_attrs[rename(target)] = fx.graph_module._get_attr(gm, target)
+                new_attrs[rename(target)] = get_attr_value(gm, target)
         benv: dict[fx.Node, fx.Node] = {block.entry: stream}
         for n in block.nodes:
             args, kwargs = fx.node.map_arg((n.args, n.kwargs),
@@ -271,7 +271,7 @@ def _copy_block(gm: fx.GraphModule, block: Block, rename: Any, zeroed: set[str],
     """Copies of the block's modules and attributes under their new names, zeroed where the
     block is made an identity, re-drawn where ``fresh``."""
     for target in dict.fromkeys(_targets(block)):
-        value = fx.graph_module._get_attr(gm, target)
+        value = get_attr_value(gm, target)
         if isinstance(value, nn.Module):
             module = copy.deepcopy(value)
             named = dict(module.named_parameters(remove_duplicate=False))

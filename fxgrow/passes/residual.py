@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from .._ops import get_attr_value
+
 _ADDS = {operator.add, torch.add, operator.iadd}
 
 
@@ -77,7 +79,7 @@ def _signature(gm: fx.GraphModule, nodes: list[fx.Node]) -> tuple:
         if n.op == "call_module":
             parts.append(("module", type(gm.get_submodule(n.target)).__name__))
         elif n.op == "get_attr":
-            value = fx.graph_module._get_attr(gm, n.target)
+            value = get_attr_value(gm, n.target)
             parts.append(("attr", tuple(getattr(value, "shape", ()))))
         else:
             parts.append((n.op, str(n.target)))

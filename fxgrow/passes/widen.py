@@ -40,9 +40,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
+from .._ops import LAYER_NORM_FUNCTIONS, get_attr_value
 from ..errors import ReduceError, WidenError
 from ..linears import linear_sites
 from ._rebuild import build_graph_module
@@ -50,8 +50,8 @@ from .expansion import ParamSource, set_expansion_map
 from .replay import register_replay
 from .residual import residual_chain
 from .reduce import _clone_module, set_layer_norm_shape
-from .width_groups import (WidthAnalysis, _Lab, _Labeller, _label_classes, analyse, compact,
-                           synthesise_inputs)
+from .width_groups import (ChannelLabels, WidthAnalysis, _Labeller, _label_classes, analyse,
+                           compact, synthesise_inputs)
 
 PASS_NAME = "widen"
 OPERATORS = ("st", "b2b", "pad0")
@@ -66,12 +66,12 @@ class _StreamLabeller(_Labeller):
         if n.op == "call_module":
             module = self.module.get_submodule(n.target)
             if isinstance(module, nn.Conv2d) and isinstance(result, torch.Tensor) and \
-                    not any(isinstance(self.labels.get(a.name), _Lab) for a in n.all_input_nodes):
+                    not any(isinstance(self.labels.get(a.name), ChannelLabels) for a in n.all_input_nodes):
                 ids = self._alloc(n.target, (module.out_channels,), "conv")
-                return _Lab(ids.reshape(1, -1, 1, 1).expand(result.shape), True)
+                return ChannelLabels(ids.reshape(1, -1, 1, 1).expand(result.shape), True)
         lab = super()._label(n, result)
-        if n.op == "get_attr" and isinstance(lab, _Lab) and n.target not in self.frozen:
-            return _Lab(lab.ids, True)
+        if n.op == "get_attr" and isinstance(lab, ChannelLabels) and n.target not in self.frozen:
+            return ChannelLabels(lab.ids, True)
         return lab
 
 
@@ -103,7 +103,7 @@ def _stream(gm: fx.GraphModule, example: Sequence[Any]) -> _Stream:
                              f"{type(exc).__name__}: {exc}") from exc
     class_of = _label_classes(labeller)[0]
     lab = labeller.labels.get(chain[1].name)
-    if not isinstance(lab, _Lab):
+    if not isinstance(lab, ChannelLabels):
         raise WidenError(f"the residual stream at node {chain[1].name!r} could not be followed")
     ids = compact(lab.ids)
     width = labeller.meta[chain[1].name][-1]
@@ -236,7 +236,7 @@ def _attn_space(analysis: WidthAnalysis, group: Any) -> _AttnSpace:
     tables: dict[tuple, np.ndarray] = {}
     for name in group.nodes:
         lab = analysis.labels.get(name)
-        if not isinstance(lab, _Lab) or not lab.chan:
+        if not isinstance(lab, ChannelLabels) or not lab.chan:
             continue
         ids = compact(lab.ids)
         vary = [d for d in range(ids.dim()) if ids.shape[d] > 1]
@@ -597,7 +597,7 @@ def _install(gm: fx.GraphModule, new_params: Mapping[str, tuple[torch.Tensor, Pa
     for name, (tensor, source) in new_params.items():
         sources[name] = source
         owner, _, field = name.rpartition(".")
-        old = fx.graph_module._get_attr(gm, name)
+        old = get_attr_value(gm, name)
         if owner in called:
             by_owner.setdefault(owner, {})[field] = tensor
         else:
@@ -631,7 +631,7 @@ def _new_shapes(stream: _Stream, analysis: WidthAnalysis,
 
     def one(name: str, slab: Any, alab: Any, old: tuple) -> tuple:
         new = list(old)
-        if isinstance(slab, _Lab) and slab.chan:
+        if isinstance(slab, ChannelLabels) and slab.chan:
             ids = compact(slab.ids)
             for dim in range(ids.dim()):
                 if ids.shape[dim] <= 1:
@@ -640,7 +640,7 @@ def _new_shapes(stream: _Stream, analysis: WidthAnalysis,
                 chans = np.where(line >= 0, stream.chan_of[np.clip(line, 0, None)], -1)
                 if ids.shape[dim] == d and (chans >= 0).all() and len(set(chans.tolist())) == d:
                     new[dim - ids.dim() + len(old)] = width
-        if isinstance(alab, _Lab) and alab.chan:
+        if isinstance(alab, ChannelLabels) and alab.chan:
             ids = compact(alab.ids)
             group = analysis.group_of_node.get(name)
             kind = analysis.groups[group].kind if group is not None else None
@@ -724,7 +724,7 @@ def _rewrite_literals(gm: fx.GraphModule, graph: fx.Graph, val_map: dict[fx.Node
             elif isinstance(node.args[1], int):
                 raise WidenError(f"node {node.name!r}: split by a chunk size of a widened "
                                  f"dimension cannot be rewritten")
-        elif node.target is F.layer_norm:
+        elif node.target in LAYER_NORM_FUNCTIONS:
             x = node.args[0]
             if x.name not in shapes:
                 continue
@@ -779,7 +779,7 @@ class _MetaRun(fx.Interpreter):
         return torch.func.functional_call(module, state, args, kwargs)
 
     def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
-        if target is F.layer_norm:
+        if target in LAYER_NORM_FUNCTIONS:
             x, shape = args[0], tuple(kwargs.get("normalized_shape", args[1] if len(args) > 1 else ()))
             weight = kwargs.get("weight", args[2] if len(args) > 2 else None)
             if tuple(x.shape[-len(shape):]) != shape or (

@@ -30,6 +30,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .._ops import get_attr_value
 from ..errors import ScheduleError
 from .expand import expand_optimizer
 
@@ -83,7 +84,7 @@ def _node_params(model: fx.GraphModule, node: fx.Node, names: dict[int, str]) ->
     if node.op == "call_module":
         return {names[id(p)] for p in model.get_submodule(node.target).parameters()}
     if node.op == "get_attr":
-        value = fx.graph_module._get_attr(model, node.target)
+        value = get_attr_value(model, node.target)
         if isinstance(value, nn.Parameter):
             return {names[id(value)]}
     return set()
@@ -236,4 +237,4 @@ class TripleScaler:
 
 
 def _source_shape(model: fx.GraphModule, source: Any) -> tuple[int, ...]:
-    return tuple(fx.graph_module._get_attr(model, source.source).shape)
+    return tuple(get_attr_value(model, source.source).shape)
