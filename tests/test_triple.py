@@ -263,3 +263,26 @@ def test_deit_function_preserved_at_a_small_image():
     small = build("deit_small_patch16_224", img_size=32).eval()
     deep = deepen(small, 24, "st_stck").eval()
     assert torch.equal(deep(x), small(x))
+
+
+def test_register_tokens_layer_scale_and_qk_norm():
+    def vit(**kw):
+        model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=CLASSES,
+                                  img_size=IMG, patch_size=PATCH, embed_dim=DIM, depth=2,
+                                  num_heads=HEADS, **kw).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        return fxgrow.trace(model)
+
+    x = _x()
+    regs = vit(reg_tokens=2)  # [cls, reg, reg, patches]: all carry the stream's channels
+    torch.testing.assert_close(widen(regs, 64, "st").eval()(x), regs(x), atol=2e-5, rtol=1e-5)
+    scaled = vit(init_values=0.1)  # LayerScale: the branch ends in x * gamma
+    assert torch.equal(deepen(scaled, 4, "st_stck")(x), scaled(x))
+    wide = widen(scaled, 64, "st")
+    assert dict(wide.named_parameters())["blocks.0.ls1.gamma"].shape == (64,)
+    qk = vit(qk_norm=True)  # a norm over the head dim: heads follow is exact, keep refused
+    torch.testing.assert_close(widen(qk, 64, "st").eval()(x), qk(x), atol=2e-5, rtol=1e-5)
+    with pytest.raises(WidenError, match="q_norm"):
+        widen(qk, 64, "st", "keep")

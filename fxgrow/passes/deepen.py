@@ -24,6 +24,7 @@ of block ``p`` is named ``{p}_copy{i}``.
 from __future__ import annotations
 
 import copy
+import operator
 import re
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -132,18 +133,29 @@ def _identity_params(gm: fx.GraphModule, block: Block) -> set[str]:
                 elif site.bias_node is not None and site.bias_node.op == "get_attr":
                     names.add(site.bias_node.target)
                 break
+            inputs = node.all_input_nodes
+            if _is_scale(node):  # a per-channel scale (LayerScale's x * gamma)
+                inputs = [a for a in inputs if a.op != "get_attr"]
             passes = node.op == "call_module" and isinstance(
                 gm.get_submodule(node.target), _PASS_THROUGH) or (
                 node.op == "call_module" and type(gm.get_submodule(node.target)).__name__
-                in ("DropPath", "LayerScale"))
-            if not passes or len(node.all_input_nodes) != 1:
+                in ("DropPath", "LayerScale")) or _is_scale(node)
+            if not passes or len(inputs) != 1:
                 raise DeepenError(f"block ending at {block.exit.name!r}: the branch added at "
                                   f"node {add.name!r} does not end in a linear (met "
                                   f"{node.name!r}); an identity block cannot be made from it")
-            node = node.all_input_nodes[0]
+            node = inputs[0]
     if not names:
         raise DeepenError(f"block ending at {block.exit.name!r}: nothing to zero")
     return names
+
+
+def _is_scale(node: fx.Node) -> bool:
+    """``x * p`` or ``x.mul(p)`` with ``p`` an attribute of the model."""
+    is_mul = (node.op == "call_function" and node.target in (operator.mul, torch.mul)) or (
+        node.op == "call_method" and node.target in ("mul", "mul_"))
+    return is_mul and sum(a.op == "get_attr" for a in node.all_input_nodes) == 1 and \
+        len(node.all_input_nodes) == 2
 
 
 def _chain_of(gm: fx.GraphModule, block: Block) -> list[fx.Node]:

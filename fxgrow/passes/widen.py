@@ -74,6 +74,22 @@ class _StreamLabeller(_Labeller):
             return ChannelLabels(lab.ids, True)
         return lab
 
+    def _cat(self, n: fx.Node, result: torch.Tensor) -> Any:
+        # Tokens joined along a dim other than the last (class and register tokens before
+        # the patches) carry the same channels: unite them slice by slice.
+        tensors = n.args[0] if n.args else n.kwargs["tensors"]
+        dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
+        labs = [self._lab(t) for t in tensors]
+        if n.target is torch.stack or result.dim() < 2 or dim % result.dim() == result.dim() - 1 \
+                or not all(isinstance(lab, ChannelLabels) and lab.chan for lab in labs):
+            return super()._cat(n, result)
+        first = labs[0].ids.narrow(dim, 0, 1)
+        for t, lab in zip(tensors, labs):
+            for i in range(lab.ids.shape[dim]):
+                self._union(first, lab.ids.narrow(dim, i, 1), [n.name, t.name])
+            self.edges.append((n.name, t.name))
+        return ChannelLabels(first.expand(result.shape), True)
+
 
 @dataclass
 class _Stream:
@@ -364,6 +380,8 @@ def widen(
         else:
             space = _attn_space(analysis, group)
             new_heads, new_dim = _head_shape(space, d, width, heads, group.producers[0])
+            if new_dim != space.dim:
+                _refuse_head_params(analysis, group)
             _attn_maps(space, new_heads, new_dim, operator, k, rng, row_maps, col_maps)
             attn_layouts.append((space, new_heads, new_dim))
 
@@ -395,6 +413,19 @@ def _head_shape(space: _AttnSpace, d: int, width: int, heads: str, target: str) 
         raise WidenError(f"heads='keep': width {width} does not give the {space.heads} heads "
                          f"of {target!r} an integral head dim")
     return space.heads, total // d // space.heads
+
+
+def _refuse_head_params(analysis: WidthAnalysis, group: Any) -> None:
+    """A parameter over the head dim (a qk-norm weight) would have to grow with it."""
+    classes = set()
+    for target in group.producers:
+        start, end, _ = analysis.ranges[target]
+        classes.update(analysis.class_of[start:end].tolist())
+    for key, (start, end, kind) in analysis.ranges.items():
+        if kind == "param" and classes.intersection(analysis.class_of[start:end].tolist()):
+            raise WidenError(f"heads='keep' would grow the head dim of {group.producers[0]!r}, "
+                             f"but parameter {key!r} (a norm over the head dim?) is tied to it; "
+                             f"use heads='follow'")
 
 
 def _mlp_maps(analysis: WidthAnalysis, group: Any, ratio: tuple[int, int], op: str, k: int,
