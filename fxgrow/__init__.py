@@ -39,7 +39,7 @@ def __getattr__(name: str):
         return importlib.import_module(".training", __name__)
     if name == "distributed":
         return importlib.import_module(".training.distributed", __name__)
-    if name in ("Scaler", "ScalingSchedule"):
+    if name in ("Scaler", "ScalingSchedule", "TripleScaler", "TripleSchedule"):
         return getattr(importlib.import_module(".training", __name__), name)
     raise AttributeError(f"module 'fxgrow' has no attribute {name!r}")
 
@@ -70,6 +70,8 @@ __all__ = [
     "Scaler",
     "ScalingSchedule",
     "ScheduleError",
+    "TripleScaler",
+    "TripleSchedule",
     "select",
     "SplittingReport",
     "summary",

@@ -157,6 +157,15 @@ def test_identity_blocks_are_bitwise_and_keep_every_gradient():
         report = check_equivalence(gm, deep, x)
         assert report.ok, (op, str(report))
         assert len(report.rows) > 0
+    # at the first step only the zeroed branch outputs of a new block receive gradient: every
+    # other parameter of the block sits behind a zero projection (exact zeros, any CPU)
+    deep = deepen(gm, 4, "st_stck")
+    params = dict(deep.named_parameters())
+    new = [n for n in params if n.startswith(("blocks.2.", "blocks.3."))]
+    grads = dict(zip(new, torch.autograd.grad(_loss(deep, x), [params[n] for n in new])))
+    learning = {n for n, g in grads.items() if bool((g != 0).any())}
+    assert learning == {f"blocks.{i}.{m}.{p}" for i in (2, 3) for m in ("attn.proj", "mlp.fc2")
+                        for p in ("weight", "bias")}
 
 
 def test_deepen_names_and_copies():
