@@ -97,6 +97,18 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--growth-mode", choices=("paper", "fused"), default="paper")
     s.add_argument("--init-state", choices=("fresh", "parent"), default="fresh",
                    help="optimizer state of new params (parent: copied from the grown neuron)")
+    p.add_argument("--run-dir", default=None, help="new run directory (refused if it exists)")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR (all other options come from it)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    d = p.add_argument_group("distributed (under torchrun; see docs/distributed.md)")
+    d.add_argument("--backend", choices=("gloo", "nccl"), default=None,
+                   help="process-group backend (default: nccl with CUDA, else gloo)")
+    d.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS",
+                   help="how long a rank waits for the others before failing (default 600)")
+
+
+def _add_triple_args(p: argparse.ArgumentParser) -> None:
     t = p.add_argument_group("TripLe schedule (widen before training, deepen after stage I)")
     t.add_argument("--triple-width", type=int, default=None,
                    help="residual width to widen to before training")
@@ -111,15 +123,6 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    default="stck")
     t.add_argument("--triple-fresh-state", action="store_true",
                    help='"-m": drop the optimizer state at each expansion (default "+m")')
-    p.add_argument("--run-dir", default=None, help="new run directory (refused if it exists)")
-    p.add_argument("--resume", default=None, metavar="RUN_DIR",
-                   help="continue the run in RUN_DIR (all other options come from it)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    d = p.add_argument_group("distributed (under torchrun; see docs/distributed.md)")
-    d.add_argument("--backend", choices=("gloo", "nccl"), default=None,
-                   help="process-group backend (default: nccl with CUDA, else gloo)")
-    d.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS",
-                   help="how long a rank waits for the others before failing (default 600)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_reduce_args(p, flag=True)
     _add_train_args(p)
+    _add_triple_args(p)
 
     p = sub.add_parser("compare", help="full-width model vs reduce-then-grow, trained alike "
                        "(paper table 1)", epilog=EXAMPLES,
