@@ -202,9 +202,14 @@ def test_cli_refuses_a_width_the_model_cannot_take(tmp_path, capsys):
     run = tmp_path / "run"
     code = main(["scale", "--model", "tiny_vit", "--model-kwargs",
                  '{"embed_dim": 16, "depth": 1, "num_heads": 2}', "--img-size", "16",
-                 "--epochs", "2", "--triple-width", "20", "--quiet", "--run-dir", str(run)])
+                 "--epochs", "3", "--triple-width", "20", "--quiet", "--run-dir", str(run)])
     assert code == 2
     assert "head dim" in capsys.readouterr().err
     assert not run.exists()
-    with pytest.raises(fxgrow.ScheduleError):
+    with pytest.raises(fxgrow.ScheduleError, match="width, a depth"):
         TripleSchedule()
+    with pytest.raises(fxgrow.ScheduleError, match="stage1_epochs"):
+        TripleSchedule(depth=4, stage1_epochs=0)
+    assert main(["scale", "--model", "tiny_vit", "--epochs", "2", "--triple-depth", "8",
+                 "--quiet", "--run-dir", str(run)]) == 2
+    assert "stage III" in capsys.readouterr().err and not run.exists()

@@ -189,6 +189,7 @@ def fit(
     if triple is not None:
         if resume:
             raise ScheduleError("resuming a run with a TripLe schedule is not supported")
+        triple.check_epochs(config.epochs)
         tripler = TripleScaler(triple)
         model, _ = tripler.start(model)
 

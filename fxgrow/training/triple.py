@@ -74,6 +74,15 @@ class TripleSchedule:
             raise ScheduleError(f"heads must be 'follow' or 'keep', got {self.heads!r}")
         if self.width is None and self.depth is None:
             raise ScheduleError("a TripLe schedule needs a width, a depth or both")
+        if self.depth is not None and self.stage1_epochs < 1:
+            raise ScheduleError("stage1_epochs must be at least 1: the depth grows after stage I")
+
+    def check_epochs(self, epochs: int) -> None:
+        """Refuse a run of ``epochs`` that ends before the stages do."""
+        if self.stage1_epochs + self.stage2_epochs >= epochs:
+            raise ScheduleError(
+                f"stages I and II take {self.stage1_epochs} + {self.stage2_epochs} epochs, "
+                f"the run {epochs}: leave at least one epoch for stage III")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
