@@ -74,7 +74,7 @@ def train_epoch(model, opt, bundle, epoch, seed, scaler=None) -> list[float]:
         opt.step()
         if scaler is not None:
             scaler.after_step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     return losses
 
 

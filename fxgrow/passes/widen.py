@@ -298,15 +298,6 @@ def _attn_space(analysis: WidthAnalysis, group: Any) -> _AttnSpace:
 
 # -- the pass ------------------------------------------------------------------------------------
 
-@dataclass
-class _Dim:
-    """How one dimension of one parameter is widened."""
-
-    src: np.ndarray
-    blk: np.ndarray
-    coef: np.ndarray | None = None
-
-
 def _check_args(gm: Any, width: Any, operator_name: Any, heads: Any, seed: Any) -> None:
     if not isinstance(gm, fx.GraphModule):
         raise WidenError(f"widen expects a torch.fx.GraphModule (see fxgrow.trace), "
@@ -366,7 +357,6 @@ def widen(
     # Intermediate spaces: per producer target its row map, per consumer its column map.
     row_maps: dict[str, _Map] = {}
     col_maps: dict[str, _Map] = {}
-    shape_factor: dict[int, Any] = {}  # standard label id -> callable giving dim factors
     ratio = (width, d)
     attn_layouts: list[tuple[_AttnSpace, int, int]] = []
     for group in analysis.groups:
