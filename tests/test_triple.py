@@ -244,6 +244,15 @@ def test_refusals():
     with pytest.raises(DeepenError, match="operator"):
         deepen(gm, 4, "copy")
     assert issubclass(WidenError, fxgrow.FxgrowError) and issubclass(DeepenError, fxgrow.FxgrowError)
+    # after neuron growth: copying blocks works, widening and identity blocks are refused
+    grown = fxgrow.passes.grow(gm, fxgrow.GrowthPlan({"blocks.0.mlp.fc1": [0, 3],
+                                                      "blocks.0.attn.proj": [1]}))
+    x = _x()
+    assert deepen(grown, 3, "stck")(x).shape == (3, CLASSES)
+    with pytest.raises(WidenError, match="could not be followed|cannot follow"):
+        widen(grown, 64)
+    with pytest.raises(DeepenError, match="does not end in a linear"):
+        deepen(grown, 3, "st_stck")
 
 
 # -- DeiT ---------------------------------------------------------------------------------------

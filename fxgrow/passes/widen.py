@@ -110,17 +110,23 @@ def _stream(gm: fx.GraphModule, example: Sequence[Any]) -> _Stream:
     if len(chain) < 2:
         raise WidenError("no residual stream found: the graph has no chain of additions "
                          "x + f(x) (widen needs a transformer-like residual stream)")
-    labeller = _StreamLabeller(gm, on_meta=True)
     with torch.no_grad():
-        try:
+        try:  # as in the width analysis: shapes on the meta device, real values if needed
+            labeller = _StreamLabeller(gm, on_meta=True)
             labeller.run(*[x.to("meta") for x in example])
-        except Exception as exc:
-            raise WidenError(f"the graph does not run on the example inputs: "
-                             f"{type(exc).__name__}: {exc}") from exc
+        except Exception:
+            labeller = _StreamLabeller(gm, on_meta=False)
+            try:
+                labeller.run(*example)
+            except Exception as exc:
+                raise WidenError(f"the graph does not run on the example inputs: "
+                                 f"{type(exc).__name__}: {exc}") from exc
     class_of = _label_classes(labeller)[0]
     lab = labeller.labels.get(chain[1].name)
     if not isinstance(lab, ChannelLabels):
-        raise WidenError(f"the residual stream at node {chain[1].name!r} could not be followed")
+        raise WidenError(f"the residual stream at node {chain[1].name!r} could not be followed "
+                         f"(an op widen does not know writes into it, such as a grown "
+                         f"neurons' write-back: widen before growing)")
     ids = compact(lab.ids)
     width = labeller.meta[chain[1].name][-1]
     row = ids.reshape(-1, ids.shape[-1])[0]
