@@ -7,7 +7,8 @@ A saved model is a directory::
                              history (plans included), the weights' sha256, size and key list
         model.safetensors    the GraphModule's state_dict
 
-``load`` rebuilds the base with :func:`fxgrow.models.build`, replays the history through
+``load`` rebuilds the base with :func:`fxgrow.models.build` (or traces the caller's own module
+the recorded way, ``load(path, model=...)``), replays the history through
 :mod:`fxgrow.passes.replay` and loads the weights strictly. Nothing is unpickled, so a model
 someone sent you cannot run code on load (docs/saving.md).
 """
@@ -15,6 +16,7 @@ someone sent you cannot run code on load (docs/saving.md).
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import hashlib
 import json
@@ -26,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch import nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
@@ -51,8 +54,9 @@ def save(gm: fx.GraphModule, path: str | os.PathLike) -> Path:
     (safetensors refuses shared tensors); loading restores the sharing the recipe rebuilds.
 
     Raises:
-        CheckpointError: ``gm`` has no base spec (build it with :mod:`fxgrow.models` or pass
-            ``base=`` to :func:`fxgrow.trace`), ``path`` is an existing file or a non-empty
+        CheckpointError: ``gm`` has no base spec (a GraphModule not made by
+            :func:`fxgrow.trace` or :mod:`fxgrow.models`, or traced with arguments that are not
+            plain data), ``path`` is an existing file or a non-empty
             directory that is not a saved model, or the recipe is not JSON-serialisable.
     """
     if not isinstance(gm, fx.GraphModule):
@@ -60,9 +64,10 @@ def save(gm: fx.GraphModule, path: str | os.PathLike) -> Path:
     data = recipes.recipe(gm)
     if data["base"] is None:
         raise CheckpointError(
-            "this GraphModule has no base model spec, so it could not be rebuilt on load: build "
-            "it with fxgrow.models.build(...) (or another fxgrow.models builder), or trace it with "
-            "fxgrow.trace(model, base={'source': 'timm', 'name': ..., 'kwargs': {...}})"
+            "this GraphModule has no base model spec, so it could not be rebuilt on load: trace "
+            "it with fxgrow.trace(model, ...) (concrete_args, leaf modules and autowrapped "
+            "functions given by importable names and plain data) or build it with "
+            "fxgrow.models.build(...), or pass base={'source': 'timm', 'name': ..., 'kwargs': {...}}"
         )
     target = Path(path)
     _check_replaceable(target)
@@ -176,18 +181,28 @@ def _fsync(path: Path) -> None:
 # --------------------------------------------------------------------------------------- load
 
 
-def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> fx.GraphModule:
+def load(
+    path: str | os.PathLike,
+    *,
+    model: nn.Module | None = None,
+    map_location: str | torch.device = "cpu",
+) -> fx.GraphModule:
     """Rebuild the model saved at ``path``: build its base, replay its passes, load its weights.
 
-    The result carries the saved recipe and training flag, and its tensors are on
-    ``map_location``. The files are only read.
+    A base that fxgrow cannot build by name (a module of your own, recorded by its class) is
+    given as ``model``: an instance of the same architecture, which is traced the recorded
+    way (frontend, concrete arguments, example input shapes). A copy of it is traced, so
+    ``model`` keeps its weights. The result carries the saved recipe and training flag, and
+    its tensors are on ``map_location``. The files are only read.
 
     Raises:
         CheckpointError: naming what is wrong: a missing file, invalid JSON, another format or
             an unknown format version, a recipe edited after saving, a weights file whose size
             or sha256 differs from the recipe's (truncated or tampered), an unreadable
-            safetensors file, a pass with no replayer, a base that cannot be built, or weights
-            that do not fit the rebuilt graph (missing/unexpected keys, shape mismatch).
+            safetensors file, a pass with no replayer, a base that cannot be built (or a user
+            module's base loaded without ``model``), a ``model`` of another class than the
+            recorded one, or weights that do not fit the rebuilt graph (missing/unexpected keys,
+            shape mismatch).
     """
     root = Path(path)
     document = read_recipe(root)
@@ -195,7 +210,7 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -
     weights = root / weights_info["file"]
     _check_weights_file(weights, weights_info)
     saved = _read_weights(weights, weights_info)
-    gm = _rebuild(document)
+    gm = _rebuild(document, model)
     _check_fits(gm, saved)
     targets = _state_tensors(gm)
     with torch.no_grad():
@@ -288,17 +303,35 @@ def _read_weights(weights: Path, info: dict[str, Any]) -> dict[str, torch.Tensor
     return tensors
 
 
-def _rebuild(document: dict[str, Any]) -> fx.GraphModule:
+def _rebuild(document: dict[str, Any], model: nn.Module | None) -> fx.GraphModule:
     from .models import build  # the builders import timm; only a load needs them
     from .passes.replay import replay_history
 
+    base = document["base"]
     try:
-        gm = build(document["base"])
+        gm = build(base) if model is None else _trace_given(base, model)
+    except CheckpointError:
+        raise
     except Exception as exc:
         raise CheckpointError(
-            f"cannot rebuild the base model {document['base']!r}: {type(exc).__name__}: {exc}"
+            f"cannot rebuild the base model {base!r}: {type(exc).__name__}: {exc}"
         ) from exc
     return replay_history(gm, document["history"])
+
+
+def _trace_given(base: dict[str, Any], model: nn.Module) -> fx.GraphModule:
+    """The base traced from the caller's ``model`` (a copy) as the recipe records."""
+    from .tracing import trace_recorded
+
+    if not isinstance(model, nn.Module):
+        raise CheckpointError(f"model must be an nn.Module, got {type(model).__name__}")
+    recorded = base.get("class") if base.get("source") == "module" else None
+    given = f"{type(model).__module__}.{type(model).__qualname__}"
+    if recorded is not None and recorded != given:
+        raise CheckpointError(f"the saved model's base is a {recorded}, the given model a {given}")
+    gm = trace_recorded(copy.deepcopy(model), base.get("trace") or {"method": "symbolic"})
+    recipes.set_base(gm, base)
+    return gm
 
 
 def _check_fits(gm: fx.GraphModule, saved: dict[str, torch.Tensor]) -> None:

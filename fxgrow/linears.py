@@ -1,9 +1,14 @@
-"""Linear layers as fxgrow sees them in a graph: ``call_module`` nn.Linear nodes and
-``F.linear`` calls on parameters (BEiT and EVA build their qkv bias with ``torch.cat``).
+"""Linear layers as fxgrow sees them in a graph: ``call_module`` nn.Linear nodes, ``F.linear``
+calls on parameters (BEiT and EVA build their qkv bias with ``torch.cat``) and, in ATen graphs
+from ``torch.export``, ``aten.linear`` and ``aten.addmm``/``aten.mm`` with a parameter as the
+stored-transposed weight (GPT-2's ``Conv1D``) or as ``aten.t`` of a weight.
 
 A linear is named by its *target*: the module path (``blocks.0.mlp.fc1``) for a module call,
-the weight parameter's path (``blocks.0.attn.qkv.weight``) for ``F.linear``. Reduce, analyze
-and grow all address linears this way.
+the weight parameter's path (``blocks.0.attn.qkv.weight``) for ``F.linear``. An ATen linear
+gets the name a symbolic trace of the same model gives: the module path when the call is the
+forward of the module that owns the weight as ``weight`` (``node.meta["nn_module_stack"]``),
+the weight's path otherwise, so one plan applies to both graphs. Reduce, analyze and grow all
+address linears this way.
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ._ops import FUNCTIONAL_LINEARS, get_attr_value
+from ._ops import FUNCTIONAL_LINEARS, MATMUL_LINEARS, WEIGHT_TRANSPOSES, get_attr_value
 
+_aten = torch.ops.aten
 
 
 @dataclass(frozen=True)
@@ -30,6 +36,12 @@ class LinearSite:
     weight: torch.Tensor
     weight_node: fx.Node | None  # the get_attr node of a functional linear's weight
     bias_node: fx.Node | None  # a functional linear's bias argument (may be computed)
+    # True when the parameter behind weight_node is stored as W^T (in, out), as GPT-2's Conv1D
+    weight_transposed: bool = False
+
+    def stored(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` (out, in) in the layout of the parameter behind ``weight_node``."""
+        return weight.t() if self.weight_transposed else weight
 
     @property
     def in_features(self) -> int:
@@ -92,6 +104,15 @@ def functional_args(node: fx.Node) -> tuple[fx.Node, object, object]:
     return args[0], args[1], args[2]
 
 
+def linear_input(node: fx.Node) -> fx.Node:
+    """The input ``x`` of a linear node of any kind :func:`linear_site` accepts."""
+    if node.op == "call_module":
+        return node.args[0]
+    if node.target in MATMUL_LINEARS:
+        return node.args[MATMUL_LINEARS[node.target]]
+    return functional_args(node)[0]
+
+
 def linear_site(gm: fx.GraphModule, node: fx.Node) -> LinearSite | None:
     """The LinearSite of ``node``, or None if ``node`` is not a linear fxgrow can address."""
     if node.op == "call_module":
@@ -101,14 +122,61 @@ def linear_site(gm: fx.GraphModule, node: fx.Node) -> LinearSite | None:
         return LinearSite(node, node.target, "module", node.args[0], module.weight, None, None)
     if node.op == "call_function" and node.target in FUNCTIONAL_LINEARS:
         x, weight_arg, bias_arg = functional_args(node)
-        if not isinstance(weight_arg, fx.Node) or weight_arg.op != "get_attr":
+        found = _parameter(gm, weight_arg, transposed=False)
+        if found is None:
             return None  # a weight computed in the graph has no parameter to grow from
-        weight = get_attr_value(gm, weight_arg.target)
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-            return None
+        weight, weight_node, transposed = found
         bias = bias_arg if isinstance(bias_arg, fx.Node) else None
-        return LinearSite(node, weight_arg.target, "functional", x, weight, weight_arg, bias)
+        return LinearSite(node, _name(node, weight_node.target), "functional", x, weight,
+                          weight_node, bias, transposed)
+    if node.op == "call_function" and node.target in MATMUL_LINEARS:
+        if any(node.kwargs.get(k, 1) != 1 for k in ("beta", "alpha")):
+            return None
+        position = MATMUL_LINEARS[node.target]
+        if len(node.args) != position + 2:
+            return None
+        x, weight_arg = node.args[position], node.args[position + 1]
+        found = _parameter(gm, weight_arg, transposed=True)
+        if found is None or not isinstance(x, fx.Node):
+            return None
+        weight, weight_node, transposed = found
+        bias = node.args[0] if position == 1 and isinstance(node.args[0], fx.Node) else None
+        return LinearSite(node, _name(node, weight_node.target), "functional", x, weight,
+                          weight_node, bias, transposed)
     return None
+
+
+def _parameter(
+    gm: fx.GraphModule, arg: object, transposed: bool
+) -> tuple[torch.Tensor, fx.Node, bool] | None:
+    """The (out, in) weight behind a linear's weight argument: a 2-D ``get_attr``, or a
+    transpose of one; ``transposed`` says the argument itself is the (in, out) matrix."""
+    if not isinstance(arg, fx.Node):
+        return None
+    if arg.op == "call_function" and arg.target in WEIGHT_TRANSPOSES and arg.args \
+            and isinstance(arg.args[0], fx.Node) and arg.args[0].op == "get_attr" \
+            and (arg.target is not _aten.permute.default or list(arg.args[1]) in ([1, 0], [-1, -2])):
+        arg, transposed = arg.args[0], not transposed
+    if arg.op != "get_attr":
+        return None
+    value = get_attr_value(gm, arg.target)
+    if not isinstance(value, torch.Tensor) or value.dim() != 2:
+        return None
+    return (value.t() if transposed else value), arg, transposed
+
+
+def _name(node: fx.Node, weight_path: str) -> str:
+    """A linear's target: the module path when ``node`` is the forward of the module owning
+    the weight as ``weight`` (what a symbolic trace calls), else the weight's path."""
+    if not isinstance(node.target, torch._ops.OpOverload):
+        return weight_path
+    owner, _, field = weight_path.rpartition(".")
+    stack = node.meta.get("nn_module_stack")
+    if field == "weight" and owner and stack:
+        innermost = list(stack.values())[-1]
+        if innermost[0] == owner:
+            return owner
+    return weight_path
 
 
 def linear_sites(gm: fx.GraphModule) -> dict[str, list[LinearSite]]:

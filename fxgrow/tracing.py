@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+import inspect
+import json
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Literal
 
+import torch
+import torch.export
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from . import recipes
@@ -46,6 +52,10 @@ class _Tracer(fx.Tracer):
     def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
         self._module_paths.append(self.path_of_module(m))
         try:
+            if isinstance(m, nn.MultiheadAttention) and not isinstance(m, self._leaf_types):
+                bound = _inlinable_attention(m, args, kwargs)
+                if bound is not None:
+                    return _self_attention(m, **bound)
             return super().call_module(m, forward, args, kwargs)
         except Exception:
             if self.failed_in is None:
@@ -53,6 +63,47 @@ class _Tracer(fx.Tracer):
             raise
         finally:
             self._module_paths.pop()
+
+
+def _inlinable_attention(m: nn.MultiheadAttention, args: tuple, kwargs: dict) -> dict | None:
+    """The arguments of an ``nn.MultiheadAttention`` call that :func:`_self_attention` computes
+    as the module does (self-attention with the packed projection, no masks), else None."""
+    try:
+        bound = inspect.signature(nn.MultiheadAttention.forward).bind(m, *args, **kwargs)
+    except TypeError:
+        return None
+    bound.apply_defaults()
+    a = dict(bound.arguments)
+    del a["self"]
+    plain = (a["query"] is a["key"] is a["value"] and a["key_padding_mask"] is None
+             and a["attn_mask"] is None and a["is_causal"] is False)
+    packed = m._qkv_same_embed_dim and m.bias_k is None and not m.add_zero_attn
+    if not (plain and packed and isinstance(a["need_weights"], bool)
+            and isinstance(a["average_attn_weights"], bool)):
+        return None
+    return {k: a[k] for k in ("query", "need_weights", "average_attn_weights")}
+
+
+def _self_attention(m: nn.MultiheadAttention, query: Any, need_weights: bool,
+                    average_attn_weights: bool) -> tuple[Any, Any]:
+    """``nn.MultiheadAttention`` self-attention spelled out on the module's own parameters, so
+    that a symbolic trace sees its projections (``in_proj_weight``, ``out_proj.weight``)."""
+    x = query if m.batch_first else query.transpose(0, 1)
+    batch, tokens = x.shape[0], x.shape[1]
+    qkv = F.linear(x, m.in_proj_weight, m.in_proj_bias)
+    q, k, v = qkv.reshape(batch, tokens, 3, m.num_heads, m.head_dim).permute(2, 0, 3, 1, 4)
+    p = m.dropout if m.training else 0.0
+    weights = None
+    if need_weights:
+        weights = torch.softmax((q * m.head_dim ** -0.5) @ k.transpose(-2, -1), dim=-1)
+        out = F.dropout(weights, p, training=m.training) @ v
+        if average_attn_weights:
+            weights = weights.mean(dim=1)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+    out = F.linear(out.transpose(1, 2).reshape(batch, tokens, -1), m.out_proj.weight,
+                   m.out_proj.bias)
+    return (out if m.batch_first else out.transpose(0, 1)), weights
 
 
 def _mutable_state(model: nn.Module) -> list[tuple[nn.Module, dict[str, Any], dict[str, Any]]]:
@@ -105,28 +156,76 @@ def _preserved(model: nn.Module) -> Iterator[None]:
                 _restore_contents(module.__dict__[key], saved)
 
 
+Method = Literal["auto", "symbolic", "export"]
+_METHODS = ("auto", "symbolic", "export")
+
+
 def trace(
     model: nn.Module,
+    example_inputs: Any = None,
     *,
+    method: Method = "auto",
     concrete_args: dict[str, Any] | None = None,
     leaf_modules: Iterable[type[nn.Module]] = (),
     autowrap_functions: Iterable[Callable] = (),
     base: dict[str, Any] | None = None,
 ) -> fx.GraphModule:
-    """Trace ``model`` into a GraphModule that shares its parameters and modules.
+    """Trace ``model`` into a GraphModule that shares its parameters.
 
-    timm's no-trace registry (leaf modules and autowrapped functions) is applied, so timm
-    models that register their untraceable parts trace as they are. The caller's model is
-    not changed. ``base`` is an optional JSON spec from which the model can be rebuilt
-    (used by :func:`fxgrow.save`); builders in :mod:`fxgrow.models` set it.
+    ``method="symbolic"`` runs ``torch.fx`` symbolic tracing with timm's no-trace registry
+    (leaf modules and autowrapped functions) applied, so timm models that register their
+    untraceable parts trace as they are. ``method="export"`` runs ``torch.export`` on
+    ``example_inputs`` (a tensor, a tuple of tensors, or a dict of keyword tensors) with every
+    dimension the model lets vary left dynamic (batch, sequence length), and returns an
+    ATen-level graph whose inputs are those tensors (as positional or keyword arguments) and
+    whose output is the model's tensor, or the tuple of its output's tensors (a HuggingFace
+    ``ModelOutput`` becomes ``(loss, logits, ...)``). ``"auto"`` (the default) tries symbolic
+    tracing and falls back to export when it fails and ``example_inputs`` are given.
+
+    The caller's model is not changed. The result's recipe records how to rebuild its base:
+    ``base`` if given (builders in :mod:`fxgrow.models` set it), else the model's class; with
+    the frontend and, for export, the example inputs' shapes and dtypes, so that
+    :func:`fxgrow.load` can trace a given model the same way.
 
     Raises:
-        TraceError: naming the module being traced and the construct that failed.
+        TraceError: naming the module being traced and the construct that failed (for
+            ``"auto"``, both frontends' failures), or an unknown method.
     """
     if isinstance(model, fx.GraphModule):
         return model
     if not isinstance(model, nn.Module):
         raise TraceError(f"fxgrow.trace expects an nn.Module, got {type(model).__name__}")
+    if method not in _METHODS:
+        raise TraceError(f"method must be one of {', '.join(map(repr, _METHODS))}, got {method!r}")
+    leaf_modules, autowrap_functions = list(leaf_modules), list(autowrap_functions)
+    if method == "export":
+        gm = _trace_export(model, example_inputs, concrete_args)
+    else:
+        try:
+            gm = _trace_symbolic(model, concrete_args, leaf_modules, autowrap_functions)
+        except TraceError as symbolic_failure:
+            if method == "symbolic" or example_inputs is None:
+                raise
+            try:
+                gm = _trace_export(model, example_inputs, concrete_args)
+            except TraceError as export_failure:
+                raise TraceError(f"symbolic tracing failed: {symbolic_failure}\nand "
+                                 f"torch.export failed: {export_failure}") from export_failure
+    record = gm.meta.pop(_TRACE_KEY, None) or _symbolic_record(
+        concrete_args, leaf_modules, autowrap_functions)
+    recipes.set_base(gm, _base_spec(model, base, record))
+    return gm
+
+
+_TRACE_KEY = "fxgrow_trace"
+
+
+def _trace_symbolic(
+    model: nn.Module,
+    concrete_args: dict[str, Any] | None,
+    leaf_modules: list[type[nn.Module]],
+    autowrap_functions: list[Callable],
+) -> fx.GraphModule:
     timm_leaves, timm_functions = _timm_notrace()
     tracer = _Tracer([*timm_leaves, *leaf_modules], [*timm_functions, *autowrap_functions])
     with _preserved(model):
@@ -145,5 +244,176 @@ def trace(
         # (``_tensor_constant0``) are copied into the GraphModule before they are removed.
         gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
     gm.training = model.training
-    recipes.set_base(gm, base)
     return gm
+
+
+def _symbolic_record(
+    concrete_args: dict[str, Any] | None,
+    leaf_modules: list[type[nn.Module]],
+    autowrap_functions: list[Callable],
+) -> dict[str, Any] | None:
+    """How to repeat a symbolic trace, or None when its arguments are not plain data."""
+    record = {
+        "method": "symbolic",
+        "concrete_args": concrete_args or {},
+        "leaf_modules": [_qualname(t) for t in leaf_modules],
+        "autowrap_functions": [_qualname(f) for f in autowrap_functions],
+    }
+    try:
+        json.dumps(record)
+    except (TypeError, ValueError):
+        return None
+    return record
+
+
+def _qualname(obj: Any) -> str:
+    return f"{obj.__module__}.{obj.__qualname__}"
+
+
+def _base_spec(model: nn.Module, base: dict[str, Any] | None,
+               record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The base spec: the caller's (plus the frontend when it is not the plain symbolic trace
+    builders repeat by default), or the model's class with the frontend."""
+    plain = record is not None and record["method"] == "symbolic" and not any(
+        record[k] for k in ("concrete_args", "leaf_modules", "autowrap_functions"))
+    if base is not None:
+        return base if plain or record is None else {**base, "trace": record}
+    if record is None:
+        return None
+    return {"source": "module", "class": _qualname(type(model)), "trace": record}
+
+
+# -- the export frontend ---------------------------------------------------------------------
+
+
+def _example_args(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if example_inputs is None:
+        raise TraceError("method='export' needs example_inputs (a tensor, a tuple of tensors or "
+                         "a dict of keyword tensors)")
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, Mapping):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    raise TraceError(f"example_inputs must be a tensor, a tuple of tensors or a dict of keyword "
+                     f"tensors, got {type(example_inputs).__name__}")
+
+
+def _input_spec(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, torch.Tensor):
+        raise TraceError(f"example input {where} is a {type(value).__name__}, not a tensor: pass "
+                         f"non-tensor arguments as concrete_args")
+    return {"shape": list(value.shape), "dtype": str(value.dtype).removeprefix("torch.")}
+
+
+def examples_from_record(record: Mapping[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Example inputs of the recorded shapes and dtypes (zeros: export reads no values)."""
+    def make(spec: Mapping[str, Any]) -> torch.Tensor:
+        return torch.zeros(spec["shape"], dtype=getattr(torch, spec["dtype"]))
+
+    return (tuple(make(s) for s in record["args"]),
+            {k: make(s) for k, s in record["kwargs"].items()})
+
+
+def _dynamic_shapes(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``Dim.AUTO`` on every dimension of every tensor input, keyed by argument name: export
+    keeps dynamic what the model lets vary (batch, tokens) and specialises the rest (channels,
+    an image size fixed by a position table) without an error."""
+    try:
+        bound = inspect.signature(model.forward).bind_partial(*args, **kwargs)
+    except TypeError as exc:
+        raise TraceError(f"example inputs do not fit {type(model).__name__}.forward: {exc}") from exc
+    return {
+        name: {d: torch.export.Dim.AUTO for d in range(value.dim())}
+        if isinstance(value, torch.Tensor) else None
+        for name, value in bound.arguments.items()
+    }
+
+
+def _in_signature_order(model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` in the order of ``model.forward``'s parameters: the exported graph takes its
+    inputs in the order they are given, and a recorded dict may come back sorted."""
+    names = list(inspect.signature(model.forward).parameters)
+    return dict(sorted(kwargs.items(), key=lambda kv: names.index(kv[0]) if kv[0] in names
+                       else len(names)))
+
+
+def _trace_export(model: nn.Module, example_inputs: Any,
+                  concrete_args: dict[str, Any] | None) -> fx.GraphModule:
+    args, kwargs = _example_args(example_inputs)
+    kwargs = _in_signature_order(model, kwargs)
+    record = {
+        "method": "export",
+        "args": [_input_spec(a, f"{i}") for i, a in enumerate(args)],
+        "kwargs": {k: _input_spec(v, repr(k)) for k, v in kwargs.items()},
+        "concrete_args": dict(concrete_args or {}),
+    }
+    try:
+        json.dumps(record)
+    except (TypeError, ValueError) as exc:
+        raise TraceError(f"concrete_args must be plain data (JSON) to be recorded: {exc}") from exc
+    constants = dict(concrete_args or {})
+    shapes = _dynamic_shapes(model, args, {**kwargs, **constants})
+    with _preserved(model):
+        try:
+            program = torch.export.export(model, args, {**kwargs, **constants},
+                                          dynamic_shapes=shapes, strict=False)
+        except Exception as exc:
+            raise TraceError(
+                f"torch.export of {type(model).__name__} failed: {type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}"
+            ) from exc
+        gm = _plain_calling_convention(program.module(), type(model).__name__)
+    gm.training = model.training
+    gm.meta[_TRACE_KEY] = record
+    return gm
+
+
+def _plain_calling_convention(exported: fx.GraphModule, name: str) -> fx.GraphModule:
+    """``exported`` as a plain GraphModule: tensor inputs as arguments, the output's tensors as
+    a tensor or a tuple, and no input guard (the graph itself holds the dynamic sizes)."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    output = graph.graph_copy(exported.graph, env)
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            graph.erase_node(node)
+    for node in [n for n in graph.nodes if n.op == "placeholder" and not n.users]:
+        graph.erase_node(node)  # a concrete argument, specialised into the graph
+    leaves = list(output) if isinstance(output, (tuple, list)) else [output]
+    graph.output(leaves[0] if len(leaves) == 1 else tuple(leaves))
+    graph.eliminate_dead_code()
+    return fx.GraphModule(exported, graph, class_name=name)
+
+
+def trace_recorded(model: nn.Module, record: Mapping[str, Any]) -> fx.GraphModule:
+    """Trace ``model`` the way ``record`` (a base spec's ``"trace"`` entry) says: the same
+    frontend, concrete arguments and example input shapes. Leaf modules and autowrapped
+    functions are found by name among the model's own module classes and loaded modules.
+
+    Raises:
+        TraceError: a record that names something this process cannot find, or a failed trace.
+    """
+    method = record.get("method")
+    concrete = dict(record.get("concrete_args") or {}) or None
+    if method == "export":
+        args, kwargs = examples_from_record(record)
+        return _trace_export(model, kwargs or args, concrete)
+    if method != "symbolic":
+        raise TraceError(f"unknown recorded frontend {method!r}")
+    classes = {_qualname(type(m)): type(m) for m in model.modules()}
+    leaves = []
+    for name in record.get("leaf_modules", []):
+        if name not in classes:
+            raise TraceError(f"recorded leaf module class {name!r} is not a class of the given model")
+        leaves.append(classes[name])
+    functions = []
+    for name in record.get("autowrap_functions", []):
+        module_name, _, qual = name.rpartition(".")
+        fn = getattr(sys.modules.get(module_name), qual, None)
+        if fn is None:
+            raise TraceError(f"recorded autowrapped function {name!r} is not loaded: import its "
+                             f"module first")
+        functions.append(fn)
+    return _trace_symbolic(model, concrete, leaves, functions)

@@ -206,11 +206,16 @@ def test_crash_mid_save_keeps_the_previous_model(tmp_path, monkeypatch):
 def test_save_without_base_spec_explains_how(tmp_path):
     from timm.models.vision_transformer import VisionTransformer
 
-    gm = fxgrow.trace(VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1,
-                                        num_heads=2, num_classes=10))
-    with pytest.raises(CheckpointError, match=r"no base model spec.*fxgrow\.models.*base="):
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2,
+                              num_classes=10)
+    gm = torch.fx.symbolic_trace(model)  # not fxgrow.trace: nothing records its base
+    with pytest.raises(CheckpointError, match=r"no base model spec.*fxgrow\.trace.*base="):
         fxgrow.save(gm, tmp_path / "model")
     assert not any(tmp_path.iterdir())
+    traced = fxgrow.trace(model)  # a module of the caller's own: saved, loaded with model=
+    fxgrow.save(traced, tmp_path / "model")
+    with pytest.raises(CheckpointError, match=r"VisionTransformer.*model="):
+        fxgrow.load(tmp_path / "model")
 
 
 def test_save_refuses_to_replace_other_data(tmp_path):

@@ -2,7 +2,13 @@
 
 A spec is ``{"source": "timm" | "fxgrow", "name": ..., "kwargs": {...}}`` with an optional
 ``"fused_attn": bool`` (default: timm's own choice; ``False`` traces the explicit
-``softmax(q k^T) v`` path, whose attention probabilities are graph nodes). ``build(spec)`` is
+``softmax(q k^T) v`` path, whose attention probabilities are graph nodes) and an optional
+``"trace"`` (how :func:`fxgrow.trace` traced it, recorded there when it was not the plain
+symbolic trace). A HuggingFace transformers model (the ``fxgrow[hf]`` extra) is
+``{"source": "hf", "class": "BertForSequenceClassification", "config": {...}, "inputs":
+{"input_ids": {"shape": [2, 8], "dtype": "int64"}, ...}}``: built from its config class with
+random weights and exported (``torch.export``) on zero inputs of those shapes; "inputs" name
+the forward's keyword arguments, ``labels`` included for the model's own loss. ``build(spec)`` is
 what :func:`fxgrow.load` calls to rebuild a model's base before replaying its history, so a
 builder's result records in its recipe exactly the spec that rebuilds it: a reduced model's
 base is the full timm model, and the reduction is a pass in its history.
@@ -18,12 +24,15 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .. import recipes
 from ..errors import ModelError
-from ..tracing import trace
+from ..tracing import examples_from_record as trace_examples
+from ..tracing import trace, trace_recorded
 
 __all__ = ["BUILDERS", "build", "deit_small_reduced", "tiny_vit", "tiny_vit_reduced"]
 
-_SPEC_KEYS = {"source", "name", "kwargs", "fused_attn"}
+_SPEC_KEYS = {"source", "name", "kwargs", "fused_attn", "trace"}
+_HF_SPEC_KEYS = {"source", "class", "config", "inputs", "trace"}
 
 
 def _set_fused_attn(model: nn.Module, fused: bool | None) -> None:
@@ -36,7 +45,41 @@ def _set_fused_attn(model: nn.Module, fused: bool | None) -> None:
 
 def _trace_with_spec(model: nn.Module, spec: dict[str, Any]) -> fx.GraphModule:
     _set_fused_attn(model, spec.get("fused_attn"))
-    return trace(model, base=spec)
+    if "trace" not in spec:
+        return trace(model, base=spec)
+    gm = trace_recorded(model, spec["trace"])
+    recipes.set_base(gm, spec)
+    return gm
+
+
+def _hf(spec: dict[str, Any]) -> fx.GraphModule:
+    unknown = set(spec) - _HF_SPEC_KEYS
+    if unknown:
+        raise ModelError(f"hf model spec has unknown keys {sorted(unknown)}; allowed: "
+                         f"{sorted(_HF_SPEC_KEYS)}")
+    try:
+        import transformers
+    except ImportError as exc:
+        raise ModelError("HuggingFace models need the transformers package: pip install "
+                         "'fxgrow[hf]'") from exc
+    name, config = spec.get("class"), spec.get("config", {})
+    model_class = getattr(transformers, name, None) if isinstance(name, str) else None
+    if not (isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel)):
+        raise ModelError(f"hf model spec class {name!r} is not a transformers model class")
+    if not isinstance(config, dict):
+        raise ModelError(f"hf model spec config must be a dict, got {config!r}")
+    if "trace" not in spec and not isinstance(spec.get("inputs"), dict):
+        raise ModelError("hf model spec needs 'inputs': {argument: {'shape': [...], 'dtype': ...}}")
+    try:
+        model = model_class(model_class.config_class(**config))
+    except (TypeError, ValueError) as exc:
+        raise ModelError(f"{name} does not accept config {config}: {exc}") from exc
+    model.eval()
+    if "trace" in spec:
+        return _trace_with_spec(model, spec)
+    record = {"method": "export", "args": [], "kwargs": spec["inputs"], "concrete_args": {}}
+    examples = trace_examples(record)[1]
+    return trace(model, examples, method="export", base=spec)
 
 
 def _timm(spec: dict[str, Any]) -> fx.GraphModule:
@@ -87,7 +130,8 @@ def _normalise(spec_or_name: str | dict[str, Any], kwargs: dict[str, Any]) -> di
         spec.setdefault("kwargs", {})
         if spec.get("source") not in ("timm", "fxgrow"):
             raise ModelError(
-                f"model spec source must be 'timm' or 'fxgrow', got {spec.get('source')!r}"
+                f"model spec source must be 'timm', 'fxgrow', 'hf' or 'module', got "
+                f"{spec.get('source')!r}"
             )
         if not isinstance(spec.get("name"), str):
             raise ModelError(f"model spec name must be a string, got {spec.get('name')!r}")
@@ -114,9 +158,17 @@ def build(spec_or_name: str | dict[str, Any], **kwargs: Any) -> fx.GraphModule:
     Raises:
         ModelError: unknown name or source, malformed spec, or arguments the model rejects.
     """
+    if isinstance(spec_or_name, dict) and spec_or_name.get("source") == "hf":
+        return _hf(dict(spec_or_name))
+    if isinstance(spec_or_name, dict) and spec_or_name.get("source") == "module":
+        raise ModelError(
+            f"the base is a module of your own ({spec_or_name.get('class')}), which fxgrow "
+            f"cannot build by name: pass an instance, fxgrow.load(path, model=...)")
     spec = _normalise(spec_or_name, kwargs)
     if spec["source"] == "timm":
         return _timm(spec)
+    if "trace" in spec:
+        raise ModelError(f"fxgrow builder {spec['name']!r} traces its model itself; drop 'trace'")
     if spec["name"] not in BUILDERS:
         raise ModelError(
             f"unknown fxgrow builder {spec['name']!r}; available: {', '.join(sorted(BUILDERS))}"

@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError, PlanError
-from ..linears import LinearSite, functional_args
+from ..linears import LinearSite, linear_input
 from ..plan import GrowthPlan
 from ..recipes import history
 from ._rebuild import build_graph_module
@@ -131,7 +131,7 @@ def grow(
                 "bias": module.bias is not None,
             }
         for site in sites[target]:
-            _rewrite(graph, nodes[site.node.name], site.kind, names, list(modules))
+            _rewrite(graph, nodes[site.node.name], names, list(modules))
 
     record = {
         "pass": PASS_NAME,
@@ -297,12 +297,12 @@ def _tip(node: fx.Node) -> fx.Node:
 
 
 def _rewrite(
-    graph: fx.Graph, node: fx.Node, kind: str, names: dict[str, str], roles: list[str]
+    graph: fx.Graph, node: fx.Node, names: dict[str, str], roles: list[str]
 ) -> None:
     """Insert one pseudo-layer for the linear ``node`` (a node of ``graph``)."""
     # The input is read from the node as it is now: an earlier target in this plan may
     # have redirected it to that target's grown value.
-    x = node.args[0] if kind == "module" else functional_args(node)[0]
+    x = linear_input(node)
     tip = _tip(node)
     with graph.inserting_before(tip.next):
         x_g = graph.call_method("view_as", (x, x))

@@ -25,7 +25,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .._ops import LAYER_NORM_FUNCTIONS, get_attr_value, is_attention
+from .._ops import (ATEN_SPLITS, DIVISIONS, LAYER_NORM_FUNCTIONS, MULTIPLICATIONS, get_attr_value,
+                    is_attention, op_name)
 from ..errors import ReduceError
 from ..linears import linear_sites
 from ._rebuild import build_graph_module
@@ -267,12 +268,12 @@ def _float_arg(node: fx.Node, meta: Mapping[str, Any]) -> tuple[int, float] | No
 
 
 def _is_mul(node: fx.Node) -> bool:
-    return ((node.op == "call_function" and node.target in (operator.mul, torch.mul))
+    return ((node.op == "call_function" and node.target in MULTIPLICATIONS)
             or (node.op == "call_method" and node.target == "mul"))
 
 
 def _is_div(node: fx.Node) -> bool:
-    return ((node.op == "call_function" and node.target in (operator.truediv, torch.div))
+    return ((node.op == "call_function" and node.target in DIVISIONS)
             or (node.op == "call_method" and node.target == "div"))
 
 
@@ -350,7 +351,7 @@ def _rewrite_shape_args(node: fx.Node, new_node: fx.Node, analysis: WidthAnalysi
     lab = analysis.labels.get(node.name)
     old = analysis.meta.get(node.name)
     method = node.op == "call_method"
-    name = node.target if method else getattr(node.target, "__name__", None)
+    name = node.target if method else op_name(node.target)
     if node.op not in ("call_method", "call_function"):
         return
     if name in ("reshape", "view", "expand") and isinstance(lab, ChannelLabels) and isinstance(old, tuple):
@@ -394,6 +395,8 @@ def _rewrite_shape_args(node: fx.Node, new_node: fx.Node, analysis: WidthAnalysi
         args = list(new_node.args)
         args[1] = sizes_new
         new_node.args = tuple(args)
+        if node.target in ATEN_SPLITS:  # aten.split takes one size, not a list
+            new_node.target = torch.ops.aten.split_with_sizes.default
     elif node.op == "call_function" and node.target in LAYER_NORM_FUNCTIONS:
         x = node.args[0]
         x_lab, x_old = analysis.labels.get(x.name), analysis.meta.get(x.name)
@@ -553,7 +556,8 @@ def _sliced_linears(gm: fx.GraphModule, rows: Mapping[str, torch.Tensor],
             new_attrs[target] = _clone_module(module, tensors, {
                 "in_features": weight.shape[1], "out_features": weight.shape[0]})
         else:
-            new_attrs[target] = _like(site.weight, weight)
+            stored = get_attr_value(gm, site.weight_node.target)
+            new_attrs[site.weight_node.target] = _like(stored, site.stored(weight).contiguous())
             if row is not None:
                 for site_i in sites[target]:
                     new_attrs.update(_sliced_bias(gm, site_i, row))

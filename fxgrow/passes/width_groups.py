@@ -36,11 +36,13 @@ from .._ops import (
     ACTIVATION_FUNCTIONS,
     ACTIVATION_METHODS,
     ACTIVATION_MODULES,
+    ATEN_VIEWS,
     ATTENTION_FUNCTIONS,
     CHANNEL_LOCAL_MODULES,
     CONCATENATIONS,
     ELEMENTWISE_FUNCTIONS,
     ELEMENTWISE_METHODS,
+    IDENTITY_FUNCTIONS,
     IDENTITY_METHODS,
     LAYER_NORM_FUNCTIONS,
     MATMUL_FUNCTIONS,
@@ -49,12 +51,15 @@ from .._ops import (
     REDUCTION_METHODS,
     SHAPE_FUNCTIONS,
     SHAPE_METHODS,
+    SIZE_FUNCTIONS,
+    STACKS,
     get_attr_value,
     is_attention,
     is_matmul,
 )
 from ..errors import ReduceError
 from ..linears import linear_site
+from ..tracing import examples_from_record
 
 
 @dataclass(frozen=True)
@@ -308,6 +313,8 @@ class _Labeller(fx.Interpreter):
             if target in MATMUL_METHODS:
                 return self._matmul(n, result)
         elif n.op == "call_function":
+            if target in IDENTITY_FUNCTIONS:
+                return self._lab(n.args[0])
             if target in SHAPE_FUNCTIONS:
                 return self._shape_op(n, result, method=False)
             if target in ACTIVATION_FUNCTIONS or target in ELEMENTWISE_FUNCTIONS:
@@ -412,6 +419,8 @@ class _Labeller(fx.Interpreter):
         rest = list(fx.node.map_arg(tuple(n.args[1:]), self._real))
         if method:
             out = getattr(first.ids, n.target)(*rest, **kwargs)
+        elif n.target in ATEN_VIEWS:  # labels are broadcast views: reshape, not view
+            out = torch.reshape(first.ids, *rest)
         else:
             out = n.target(first.ids, *rest, **kwargs)
         if isinstance(out, torch.Tensor):
@@ -432,7 +441,7 @@ class _Labeller(fx.Interpreter):
             elif isinstance(lab, ChannelLabels):
                 params.append((arg, lab))
             else:
-                acts.append(value)
+                acts.append((arg, value))
         if not chans:
             if params and not acts:
                 return ChannelLabels(params[0][1].ids.expand(result.shape), False)
@@ -444,13 +453,36 @@ class _Labeller(fx.Interpreter):
         for arg, _ in chans[1:]:
             self.edges.append((n.name, arg.name))
         self.edges.append((n.name, base_node.name))
-        for value in acts:
+        for arg, value in acts:
             if _broadcast_varies(out, value.shape):
+                table = self._frozen_source(arg)
+                why = (f"combined with a table computed from frozen tensor {table!r} (a position "
+                       f"table such as RoPE's cos/sin fixes this width)" if table else
+                       "combined with a tensor outside the group (residual stream?)")
                 for _, lab in chans:
-                    self._tie(lab, f"combined with a tensor outside the group (residual stream?) "
-                                   f"at node {n.name!r} ({_describe(n)})")
+                    self._tie(lab, f"{why} at node {n.name!r} ({_describe(n)})")
                 return None  # tied channels are not narrowed: stop following them
         return ChannelLabels(out, True)
+
+    def _frozen_source(self, node: fx.Node) -> str | None:
+        """The frozen tensor (a buffer, not a parameter) that ``node`` is computed from
+        without the graph's inputs, if any: a rotary table's ``inv_freq``."""
+        stack, seen, frozen = [node], set(), None
+        while stack:
+            current = stack.pop()
+            if current in seen:
+                continue
+            seen.add(current)
+            if current.op == "placeholder":
+                return None  # depends on the data itself
+            if _reads_size(current):
+                continue  # a size is not data: positions = arange(seq_len) is still a table
+            if current.op == "get_attr":
+                value = get_attr_value(self.module, current.target)
+                if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+                    frozen = frozen or current.target
+            stack.extend(_node_args(current))
+        return frozen
 
     def _reduction(self, n: fx.Node, result: Any) -> Any:
         lab = self._lab(n.args[0])
@@ -579,12 +611,17 @@ class _Labeller(fx.Interpreter):
             return None
         for t in tensors:
             self.edges.append((n.name, t.name))
-        if n.target is torch.stack or any(_varies(lab.ids, dim) for lab in chans):
+        if n.target in STACKS or any(_varies(lab.ids, dim) for lab in chans):
             return ChannelLabels(n.target([lab.ids for lab in labs], dim), True)
         first = chans[0].ids.narrow(dim, 0, 1)
         for lab in chans[1:]:
             self._union(first, lab.ids.narrow(dim, 0, 1), [n.name])
         return ChannelLabels(first.expand(result.shape), True)
+
+
+def _reads_size(n: fx.Node) -> bool:
+    return (n.target in SIZE_FUNCTIONS or (n.op == "call_method" and n.target in ("size", "dim"))
+            or (n.target is getattr and n.args[1:] == ("shape",)))
 
 
 def _broadcast_varies(ids: torch.Tensor, other_shape: Sequence[int]) -> bool:
@@ -668,7 +705,14 @@ def synthesise_inputs(gm: fx.GraphModule) -> tuple[torch.Tensor, ...]:
     """Example inputs for a graph with one tensor input: an image batch of one when the input
     first meets a Conv2d (its ``in_channels``; the side the graph asserts, else the base spec's
     ``img_size``, else 224), a (1, 8, in_features) sequence when it first meets a linear.
-    Zeros: only shapes matter, and the caller's random state is left alone."""
+    A graph that :func:`fxgrow.trace` exported gets zeros of its recorded example inputs'
+    shapes. Zeros: only shapes matter, and the caller's random state is left alone."""
+    record = (((gm.meta.get("fxgrow") or {}).get("base") or {}).get("trace") or {})
+    if record.get("method") == "export":
+        args, kwargs = examples_from_record(record)
+        positional = iter(args)
+        return tuple(kwargs[n.name] if n.name in kwargs else next(positional)
+                     for n in gm.graph.nodes if n.op == "placeholder")
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder" and not n.args]
     if len(placeholders) != 1:
         raise ReduceError(f"graph has {len(placeholders)} inputs: pass example_inputs")
