@@ -84,6 +84,7 @@ ATTENTION_FUNCTIONS = frozenset({
 MATMUL_FUNCTIONS = frozenset({operator.matmul, torch.matmul, torch.bmm, torch.mm}) | \
     _aten_overloads("matmul", "bmm")
 MATMUL_METHODS = frozenset({"matmul", "bmm", "mm"})
+EINSUM_FUNCTIONS = frozenset({torch.einsum}) | _aten_overloads("einsum")
 # The operators whose cost is a product, by their TorchScript names without ``aten::``
 # (as fvcore reports them): the ones fvcore and torch.utils.flop_counter both count.
 PRODUCT_OPERATORS = frozenset({
@@ -160,6 +161,11 @@ LAYER_NORM_FUNCTIONS = frozenset({F.layer_norm, torch.layer_norm}) | _aten_overl
 def is_attention(node: fx.Node) -> bool:
     """A ``scaled_dot_product_attention`` call (functional, torch._C or aten)."""
     return node.op == "call_function" and node.target in ATTENTION_FUNCTIONS
+
+
+def is_einsum(node: fx.Node) -> bool:
+    """An ``einsum`` call (torch or aten)."""
+    return node.op == "call_function" and node.target in EINSUM_FUNCTIONS
 
 
 def is_matmul(node: fx.Node) -> bool:

@@ -1,5 +1,5 @@
 """Graphs beyond symbolic tracing: the export frontend, torch.nn attention, HuggingFace
-transformers, and saving models fxgrow cannot rebuild by name (docs/frontends.md)."""
+transformers, and saving models fxgrow cannot rebuild by name (docs/tracing.md)."""
 
 import functools
 
@@ -88,7 +88,7 @@ def _roundtrip(grown, path, inputs, **load_kwargs):
 def _timm_vit():
     from timm.models.vision_transformer import VisionTransformer
 
-    return VisionTransformer(img_size=16, patch_size=8, num_classes=3, embed_dim=32, depth=2,
+    return VisionTransformer(img_size=16, patch_size=8, num_classes=3, embed_dim=32, depth=1,
                              num_heads=2, mlp_ratio=2.0).eval()
 
 
@@ -131,7 +131,7 @@ def test_plan_from_symbolic_graph_grows_the_same_neurons_in_the_exported_one():
 def _encoder(norm_first):
     layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True,
                                        norm_first=norm_first)
-    return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    return nn.TransformerEncoder(layer, 1, enable_nested_tensor=False).eval()
 
 
 @pytest.mark.parametrize("norm_first", [False, True], ids=["post-norm", "pre-norm"])
@@ -150,7 +150,7 @@ def test_transformer_encoder_exposes_its_attention(norm_first, tmp_path):
     reduced, plan, grown = _grown(gm, (x,), y, mse, {"head_dim": 0.5, "mlp_hidden": 0.5})
     widths = {t: s[0].out_features for t, s in fxgrow.linear_sites(reduced).items()}
     assert widths["layers.0.self_attn.in_proj_weight"] == 3 * 2 * 4
-    assert widths["layers.1.linear1"] == 16
+    assert widths["layers.0.linear1"] == 16
     _same_grads_for_originals(reduced, grown, (x,), lambda out: mse(out, y))
     _roundtrip(grown, tmp_path / "m", (x,), model=_encoder(norm_first))
 
@@ -158,7 +158,7 @@ def test_transformer_encoder_exposes_its_attention(norm_first, tmp_path):
 @pytest.mark.parametrize("method", ["symbolic", "export"])
 def test_torchvision_vit_pipeline(method):
     torchvision = pytest.importorskip("torchvision")
-    model = torchvision.models.VisionTransformer(image_size=16, patch_size=8, num_layers=2,
+    model = torchvision.models.VisionTransformer(image_size=16, patch_size=8, num_layers=1,
                                                  num_heads=2, hidden_dim=16, mlp_dim=32,
                                                  num_classes=3).eval()
     nn.init.normal_(model.heads.head.weight, std=0.2)  # zero at init: no gradient would flow
@@ -249,7 +249,7 @@ def _tensor(*shape, dtype="int64"):
 _HF = {
     "bert": (
         "BertForSequenceClassification",
-        dict(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        dict(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
              intermediate_size=64, max_position_embeddings=16, num_labels=3),
         {"input_ids": _tensor(2, 5), "labels": _tensor(2)},
         lambda: (torch.randint(0, 50, (2, 5)), torch.tensor([0, 2])),
@@ -258,7 +258,7 @@ _HF = {
     ),
     "vit": (
         "ViTForImageClassification",
-        dict(image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=2,
+        dict(image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=1,
              num_attention_heads=2, intermediate_size=64, num_labels=3),
         {"pixel_values": _tensor(2, 3, 16, 16, dtype="float32"), "labels": _tensor(2)},
         lambda: (torch.randn(2, 3, 16, 16), torch.tensor([1, 2])),
@@ -267,7 +267,7 @@ _HF = {
     ),
     "llama": (  # grouped-query attention (4 heads, 2 kv heads), SwiGLU, RoPE
         "LlamaForCausalLM",
-        dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
              use_cache=False),
         {"input_ids": _tensor(2, 6), "labels": _tensor(2, 6)},
@@ -357,3 +357,31 @@ def test_flops_of_an_exported_graph_match_the_symbolic_graph():
     grown = count_flops(grow(exported, plan), x).total - count_flops(exported, x).total
     tokens = 2 * (1 + (16 // 8) ** 2)
     assert grown == 2 * 3 * 32 * tokens  # a pair of neurons per index: 2 k d per token
+
+
+class _EinsumAttention(nn.Module):
+    """Attention written with einsum (as timm's MaxViT and SAM write it)."""
+
+    def __init__(self, dim=16, heads=2, head_dim=8):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.qkv = nn.Linear(dim, 3 * heads * head_dim)
+        self.proj = nn.Linear(heads * head_dim, dim)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        logits = torch.einsum("bhid,bhjd->bhij", q * self.head_dim ** -0.5, k)
+        out = torch.einsum("bhij,bhjd->bhid", logits.softmax(-1), v)
+        return x + self.proj(out.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
+
+
+@pytest.mark.parametrize("method", ["symbolic", "export"])
+def test_einsum_attention_head_dim_narrows_like_a_narrower_model(method):
+    model = _EinsumAttention().eval()
+    x = torch.randn(2, 5, 16)
+    gm = fxgrow.trace(model, x, method=method)
+    reduced = reduce(gm, example_inputs=x, head_dim=0.5, keep="first")
+    narrow = _EinsumAttention(head_dim=4).eval()
+    narrow.load_state_dict(reduced.state_dict())
+    torch.testing.assert_close(reduced(x), narrow(x), rtol=1e-5, atol=1e-6)

@@ -54,7 +54,9 @@ from .._ops import (
     SIZE_FUNCTIONS,
     STACKS,
     get_attr_value,
+    EINSUM_FUNCTIONS,
     is_attention,
+    is_einsum,
     is_matmul,
 )
 from ..errors import ReduceError
@@ -260,7 +262,7 @@ class _Labeller(fx.Interpreter):
         return result
 
     def _explicit_edges(self, n: fx.Node) -> bool:
-        if is_matmul(n) or is_attention(n):
+        if is_matmul(n) or is_attention(n) or is_einsum(n):
             return True
         return linear_site(self.module, n) is not None
 
@@ -327,6 +329,8 @@ class _Labeller(fx.Interpreter):
                 return self._matmul(n, result)
             if target in ATTENTION_FUNCTIONS:
                 return self._sdpa(n, result)
+            if target in EINSUM_FUNCTIONS:
+                return self._einsum(n, result)
             if target in CONCATENATIONS:
                 return self._cat(n, result)
             if target in LAYER_NORM_FUNCTIONS:
@@ -559,6 +563,56 @@ class _Labeller(fx.Interpreter):
             return ChannelLabels(a_out.expand(result.shape), True)
         return None
 
+    def _einsum(self, n: fx.Node, result: Any) -> Any:
+        """A two-operand einsum as attention writes it (``bhid,bhjd->bhij`` for the logits,
+        ``bhij,bhjd->bhid`` for the values): the rules of :meth:`_matmul`, by subscript."""
+        equation, operands = n.args[0], list(n.args[1:])
+        if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+            operands = list(operands[0])
+        parsed = _einsum_subscripts(equation, len(operands))
+        if parsed is None or not isinstance(result, torch.Tensor) or not all(
+                isinstance(self.env.get(o), torch.Tensor) for o in operands):
+            self._tie_inputs(n, "used by an einsum fxgrow cannot follow")
+            return None
+        (sa, sb), out = parsed
+        a_node, b_node = operands
+        labs = []
+        for node, subs in ((a_node, sa), (b_node, sb)):
+            lab = self._lab(node)
+            lab = lab if isinstance(lab, ChannelLabels) and lab.chan else None
+            ids = lab.ids.expand(self.env[node].shape) if lab else None
+            labs.append((node, subs, lab, ids))
+        summed = [c for c in dict.fromkeys(sa + sb) if c not in out]
+        varying = [[c for c in summed if ids is not None and c in subs
+                    and _varies(ids, subs.index(c))] for _, subs, _, ids in labs]
+        (va, vb) = varying
+        if va and vb and va == vb and all(c in sa and c in sb for c in va):
+            pick = [_einsum_pick(ids, subs, va) for _, subs, _, ids in labs]
+            self._union(pick[0], pick[1], [a_node.name, b_node.name])
+            self.edges.append((a_node.name, b_node.name))
+            self._mark(a_node.name, "attn")
+            self._mark(b_node.name, "attn")
+            self.logits[n.name] = a_node.name
+            return None
+        for (node, _, lab, _), v in zip(labs, varying):
+            if v:
+                self._tie(lab, f"contracted by einsum node {n.name!r} with a tensor outside "
+                               f"the group")
+        outs = [(node, subs, lab, ids) for (node, subs, lab, ids), v in zip(labs, varying)
+                if ids is not None and not v]
+        carrying = [o for o in outs if any(_varies(o[3], o[1].index(c)) for c in out if c in o[1])]
+        if len(carrying) == 2:
+            why = f"mixed with other channels by einsum node {n.name!r} (channel attention)"
+            for _, _, lab, _ in carrying:
+                self._tie(lab, why)
+            return None
+        if not carrying:
+            return None
+        node, subs, lab, ids = carrying[0]
+        self._mark(node.name, "attn")
+        self.edges.append((n.name, node.name))
+        return ChannelLabels(_einsum_place(ids, subs, out).expand(result.shape), True)
+
     def _sdpa(self, n: fx.Node, result: torch.Tensor) -> Any:
         names = ("query", "key", "value")
         nodes = [n.kwargs.get(k, n.args[i] if i < len(n.args) else None) for i, k in enumerate(names)]
@@ -617,6 +671,33 @@ class _Labeller(fx.Interpreter):
         for lab in chans[1:]:
             self._union(first, lab.ids.narrow(dim, 0, 1), [n.name])
         return ChannelLabels(first.expand(result.shape), True)
+
+
+def _einsum_subscripts(equation: Any, count: int) -> tuple[tuple[str, str], str] | None:
+    """``("ab", "bc"), "ac"`` for ``"ab,bc->ac"``; None for what the labels do not follow
+    (another operand count, an ellipsis, an implicit output, a repeated subscript)."""
+    if count != 2 or not isinstance(equation, str) or "->" not in equation or "." in equation:
+        return None
+    inputs, out = equation.replace(" ", "").split("->")
+    parts = inputs.split(",")
+    if len(parts) != 2 or any(len(set(p)) != len(p) for p in (*parts, out)):
+        return None
+    return (parts[0], parts[1]), out
+
+
+def _einsum_pick(ids: torch.Tensor, subs: str, keep: list[str]) -> torch.Tensor:
+    """``ids`` along the subscripts ``keep`` (in that order), every other dim at index 0."""
+    index = [slice(None) if c in keep else 0 for c in subs]
+    picked = ids[tuple(index)]
+    order = [c for c in subs if c in keep]
+    return picked.permute([order.index(c) for c in keep])
+
+
+def _einsum_place(ids: torch.Tensor, subs: str, out: str) -> torch.Tensor:
+    """``ids`` of an operand laid out in the output's subscripts (size 1 where it has none)."""
+    kept = [c for c in out if c in subs]
+    picked = _einsum_pick(ids, subs, kept)
+    return picked.reshape([picked.shape[kept.index(c)] if c in kept else 1 for c in out])
 
 
 def _reads_size(n: fx.Node) -> bool:
