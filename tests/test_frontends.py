@@ -385,3 +385,22 @@ def test_einsum_attention_head_dim_narrows_like_a_narrower_model(method):
     narrow = _EinsumAttention(head_dim=4).eval()
     narrow.load_state_dict(reduced.state_dict())
     torch.testing.assert_close(reduced(x), narrow(x), rtol=1e-5, atol=1e-6)
+
+
+def test_beit_cat_bias_linear_is_the_same_target_and_reduction_in_both_graphs():
+    import timm
+
+    model = timm.create_model("beit_base_patch16_224", pretrained=False, img_size=32,
+                              patch_size=8, embed_dim=32, depth=1, num_heads=2,
+                              num_classes=3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    symbolic = fxgrow.trace(model, method="symbolic")
+    exported = fxgrow.trace(model, x, method="export")
+    assert "blocks.0.attn.qkv.weight" in fxgrow.linear_sites(exported)  # F.linear: weight path
+    assert list(fxgrow.linear_sites(symbolic)) == list(fxgrow.linear_sites(exported))
+    a = reduce(symbolic, example_inputs=x, head_dim=0.5, mlp_hidden=0.5)
+    b = reduce(exported, example_inputs=x, head_dim=0.5, mlp_hidden=0.5)
+    assert fxgrow.history(a)[-1]["args"] == fxgrow.history(b)[-1]["args"]
+    torch.testing.assert_close(a(x), b(x), rtol=1e-5, atol=1e-6)
+    grown = grow(b, {"blocks.0.attn.qkv.weight": [1, 20]})
+    assert torch.equal(grown(x), b(x))

@@ -25,8 +25,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .._ops import (ATEN_SPLITS, DIVISIONS, LAYER_NORM_FUNCTIONS, MULTIPLICATIONS, get_attr_value,
-                    is_attention, op_name)
+from .._ops import (ATEN_SPLITS, CONCATENATIONS, DIVISIONS, LAYER_NORM_FUNCTIONS, MULTIPLICATIONS,
+                    STACKS, get_attr_value, is_attention, op_name)
 from ..errors import ReduceError
 from ..linears import linear_sites
 from ._rebuild import build_graph_module
@@ -628,7 +628,7 @@ def _sliced_bias(gm: fx.GraphModule, site: Any, row: torch.Tensor) -> dict[str, 
     if bias.op == "get_attr":
         tensor = get_attr_value(gm, bias.target)
         return {bias.target: _like(tensor, _slice(tensor, [row]))}
-    if bias.op == "call_function" and bias.target in (torch.cat, torch.concat):
+    if bias.op == "call_function" and bias.target in CONCATENATIONS - STACKS:
         parts = bias.args[0] if bias.args else bias.kwargs["tensors"]
         dim = bias.kwargs.get("dim", bias.args[1] if len(bias.args) > 1 else 0)
         if all(isinstance(p, fx.Node) and p.op == "get_attr" for p in parts) and dim in (0, -1):
