@@ -38,6 +38,9 @@ class LinearSite:
     bias_node: fx.Node | None  # a functional linear's bias argument (may be computed)
     # True when the parameter behind weight_node is stored as W^T (in, out), as GPT-2's Conv1D
     weight_transposed: bool = False
+    # (start, stop) when the weight is those rows of the parameter behind weight_node, computed
+    # in the graph (a chunk of nn.MultiheadAttention's packed in_proj_weight)
+    weight_rows: tuple[int, int] | None = None
 
     def stored(self, weight: torch.Tensor) -> torch.Tensor:
         """``weight`` (out, in) in the layout of the parameter behind ``weight_node``."""
@@ -122,47 +125,81 @@ def linear_site(gm: fx.GraphModule, node: fx.Node) -> LinearSite | None:
         return LinearSite(node, node.target, "module", node.args[0], module.weight, None, None)
     if node.op == "call_function" and node.target in FUNCTIONAL_LINEARS:
         x, weight_arg, bias_arg = functional_args(node)
-        found = _parameter(gm, weight_arg, transposed=False)
-        if found is None:
-            return None  # a weight computed in the graph has no parameter to grow from
-        weight, weight_node, transposed = found
-        bias = bias_arg if isinstance(bias_arg, fx.Node) else None
-        return LinearSite(node, _name(node, weight_node.target), "functional", x, weight,
-                          weight_node, bias, transposed)
-    if node.op == "call_function" and node.target in MATMUL_LINEARS:
+        position, bias = None, bias_arg
+    elif node.op == "call_function" and node.target in MATMUL_LINEARS:
         if any(node.kwargs.get(k, 1) != 1 for k in ("beta", "alpha")):
             return None
         position = MATMUL_LINEARS[node.target]
         if len(node.args) != position + 2:
             return None
         x, weight_arg = node.args[position], node.args[position + 1]
-        found = _parameter(gm, weight_arg, transposed=True)
-        if found is None or not isinstance(x, fx.Node):
-            return None
-        weight, weight_node, transposed = found
-        bias = node.args[0] if position == 1 and isinstance(node.args[0], fx.Node) else None
-        return LinearSite(node, _name(node, weight_node.target), "functional", x, weight,
-                          weight_node, bias, transposed)
-    return None
+        bias = node.args[0] if position == 1 else None
+    else:
+        return None
+    found = _parameter(gm, weight_arg, transposed=position is not None)
+    if found is None or not isinstance(x, fx.Node):
+        return None  # a weight computed from the graph's inputs has no parameter to grow from
+    weight, weight_node, transposed, rows = found
+    target = _name(node, weight_node.target)
+    if rows is not None:
+        target = f"{target}_rows{rows[0]}_{rows[1]}"
+    bias = bias if isinstance(bias, fx.Node) else None
+    return LinearSite(node, target, "functional", x, weight, weight_node, bias, transposed, rows)
 
 
 def _parameter(
     gm: fx.GraphModule, arg: object, transposed: bool
-) -> tuple[torch.Tensor, fx.Node, bool] | None:
-    """The (out, in) weight behind a linear's weight argument: a 2-D ``get_attr``, or a
-    transpose of one; ``transposed`` says the argument itself is the (in, out) matrix."""
+) -> tuple[torch.Tensor, fx.Node, bool, tuple[int, int] | None] | None:
+    """The (out, in) weight behind a linear's weight argument: a 2-D ``get_attr``, a
+    transpose of one, or a block of its rows computed in the graph (``chunk``, ``split``,
+    ``slice``); ``transposed`` says the argument itself is the (in, out) matrix."""
     if not isinstance(arg, fx.Node):
         return None
     if arg.op == "call_function" and arg.target in WEIGHT_TRANSPOSES and arg.args \
             and isinstance(arg.args[0], fx.Node) and arg.args[0].op == "get_attr" \
             and (arg.target is not _aten.permute.default or list(arg.args[1]) in ([1, 0], [-1, -2])):
         arg, transposed = arg.args[0], not transposed
-    if arg.op != "get_attr":
+    if arg.op == "get_attr":
+        value = get_attr_value(gm, arg.target)
+        if not isinstance(value, torch.Tensor) or value.dim() != 2:
+            return None
+        return (value.t() if transposed else value), arg, transposed, None
+    if transposed or arg.op != "call_function":
         return None
-    value = get_attr_value(gm, arg.target)
-    if not isinstance(value, torch.Tensor) or value.dim() != 2:
+    return _row_block(gm, arg)
+
+
+def _row_block(
+    gm: fx.GraphModule, arg: fx.Node
+) -> tuple[torch.Tensor, fx.Node, bool, tuple[int, int]] | None:
+    """A weight that is a block of consecutive rows of one 2-D parameter, as a view of it."""
+    sources = [n for n in _ancestors(arg) if n.op in ("get_attr", "placeholder")]
+    if len(sources) != 1 or sources[0].op != "get_attr":
         return None
-    return (value.t() if transposed else value), arg, transposed
+    param = get_attr_value(gm, sources[0].target)
+    try:
+        value = evaluate_constant(gm, arg)
+    except Exception:  # not evaluable from attributes alone: not a block of a parameter
+        return None
+    if not (isinstance(param, torch.Tensor) and param.dim() == 2 and isinstance(value, torch.Tensor)
+            and value.dim() == 2 and value.shape[1] == param.shape[1]
+            and value.untyped_storage().data_ptr() == param.untyped_storage().data_ptr()
+            and value.stride() == param.stride()):
+        return None
+    start, rest = divmod(value.storage_offset() - param.storage_offset(), param.stride(0))
+    if rest or start < 0 or start + value.shape[0] > param.shape[0]:
+        return None
+    return value, sources[0], False, (start, start + value.shape[0])
+
+
+def _ancestors(node: fx.Node) -> list[fx.Node]:
+    seen, stack = {}, [node]
+    while stack:
+        current = stack.pop()
+        if current not in seen:
+            seen[current] = None
+            stack.extend(current.all_input_nodes)
+    return list(seen)
 
 
 def _name(node: fx.Node, weight_path: str) -> str:

@@ -404,3 +404,28 @@ def test_beit_cat_bias_linear_is_the_same_target_and_reduction_in_both_graphs():
     torch.testing.assert_close(a(x), b(x), rtol=1e-5, atol=1e-6)
     grown = grow(b, {"blocks.0.attn.qkv.weight": [1, 20]})
     assert torch.equal(grown(x), b(x))
+
+
+def test_cross_attention_linears_on_blocks_of_the_packed_projection():
+    class CrossAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x, memory):
+            return self.head(self.attn(x, memory, memory, need_weights=False)[0])
+
+    model = CrossAttention().eval()
+    x, memory = torch.randn(2, 4, 16), torch.randn(2, 6, 16)
+    gm = fxgrow.trace(model, (x, memory), method="export")
+    sites = fxgrow.linear_sites(gm)
+    q, kv = sites["attn.in_proj_weight_rows0_16"][0], sites["attn.in_proj_weight_rows16_48"][0]
+    packed = model.attn.in_proj_weight
+    assert torch.equal(q.weight, packed[:16]) and torch.equal(kv.weight, packed[16:])
+    assert torch.equal(kv.bias(gm), model.attn.in_proj_bias[16:])
+    grown = grow(gm, {q.target: [0, 5], kv.target: [3, 17, 30]})
+    result = check_equivalence(gm, grown, (x, memory))
+    assert result.ok and sum(r.kind == "grad" for r in result.rows) == len(list(gm.parameters()))
+    with pytest.raises(ReduceError, match="rows 0:16 of parameter 'attn.in_proj_weight'"):
+        reduce(gm, example_inputs=(x, memory), head_dim=0.5)

@@ -343,9 +343,15 @@ class _Labeller(fx.Interpreter):
     # -- handlers ----------------------------------------------------------------------------
     def _linear(self, n: fx.Node, site: Any, result: torch.Tensor) -> ChannelLabels:
         lab_in = self._lab(site.input)
+        packed = None if site.weight_rows is None else (
+            f"linear {site.target!r} (node {n.name!r}) has rows {site.weight_rows[0]}:"
+            f"{site.weight_rows[1]} of parameter {site.weight_node.target!r} as its weight (a "
+            f"packed projection computed in the graph), which fxgrow does not narrow")
         if isinstance(lab_in, ChannelLabels) and lab_in.chan:
             ids = lab_in.ids
-            if any(_varies(ids, d) for d in range(ids.dim() - 1)):
+            if packed is not None:
+                self._tie(lab_in, packed)
+            elif any(_varies(ids, d) for d in range(ids.dim() - 1)):
                 self._tie(lab_in, f"linear {site.target!r} (node {n.name!r}) mixes channels "
                                   f"across a non-feature dimension")
             else:
@@ -353,6 +359,8 @@ class _Labeller(fx.Interpreter):
                 self.consumers.append(_Consumer(site.input.name, site.target, columns))
         ids = self._alloc(site.target, (site.out_features,), "producer")
         self.producer_nodes.setdefault(site.target, []).append(n.name)
+        if packed is not None:
+            self.ties.append((ids.reshape(-1), packed))
         return ChannelLabels(ids.expand(result.shape), chan=True)
 
     def _module(self, n: fx.Node, module: nn.Module, result: Any) -> Any:
