@@ -13,6 +13,7 @@ address linears this way.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -173,7 +174,7 @@ def _row_block(
     gm: fx.GraphModule, arg: fx.Node
 ) -> tuple[torch.Tensor, fx.Node, bool, tuple[int, int]] | None:
     """A weight that is a block of consecutive rows of one 2-D parameter, as a view of it."""
-    sources = [n for n in _ancestors(arg) if n.op in ("get_attr", "placeholder")]
+    sources = [n for n in ancestors(arg) if n.op in ("get_attr", "placeholder")]
     if len(sources) != 1 or sources[0].op != "get_attr":
         return None
     param = get_attr_value(gm, sources[0].target)
@@ -192,13 +193,16 @@ def _row_block(
     return value, sources[0], False, (start, start + value.shape[0])
 
 
-def _ancestors(node: fx.Node) -> list[fx.Node]:
+def ancestors(node: fx.Node, stop: Callable[[fx.Node], bool] = lambda n: False) -> list[fx.Node]:
+    """``node`` and every node it is computed from, not looking past nodes where ``stop``
+    holds (they are listed, their inputs are not)."""
     seen, stack = {}, [node]
     while stack:
         current = stack.pop()
         if current not in seen:
             seen[current] = None
-            stack.extend(current.all_input_nodes)
+            if not stop(current):
+                stack.extend(current.all_input_nodes)
     return list(seen)
 
 

@@ -60,7 +60,7 @@ from .._ops import (
     is_matmul,
 )
 from ..errors import ReduceError
-from ..linears import linear_site
+from ..linears import ancestors, linear_site
 from ..tracing import examples_from_record
 
 
@@ -478,23 +478,16 @@ class _Labeller(fx.Interpreter):
 
     def _frozen_source(self, node: fx.Node) -> str | None:
         """The frozen tensor (a buffer, not a parameter) that ``node`` is computed from
-        without the graph's inputs, if any: a rotary table's ``inv_freq``."""
-        stack, seen, frozen = [node], set(), None
-        while stack:
-            current = stack.pop()
-            if current in seen:
-                continue
-            seen.add(current)
-            if current.op == "placeholder":
-                return None  # depends on the data itself
-            if _reads_size(current):
-                continue  # a size is not data: positions = arange(seq_len) is still a table
-            if current.op == "get_attr":
-                value = get_attr_value(self.module, current.target)
-                if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
-                    frozen = frozen or current.target
-            stack.extend(_node_args(current))
-        return frozen
+        without the graph's inputs, if any: a rotary table's ``inv_freq``. Reading a size is
+        not reading data (``positions = arange(seq_len)`` is still a table)."""
+        sources = ancestors(node, stop=_reads_size)
+        if any(n.op == "placeholder" for n in sources):
+            return None
+        for n in sources:
+            value = get_attr_value(self.module, n.target) if n.op == "get_attr" else None
+            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+                return n.target
+        return None
 
     def _reduction(self, n: fx.Node, result: Any) -> Any:
         lab = self._lab(n.args[0])
