@@ -181,6 +181,8 @@ def trace(
     whose output is the model's tensor, or the tuple of its output's tensors (a HuggingFace
     ``ModelOutput`` becomes ``(loss, logits, ...)``). ``"auto"`` (the default) tries symbolic
     tracing and falls back to export when it fails and ``example_inputs`` are given.
+    ``leaf_modules`` and ``autowrap_functions`` steer symbolic tracing only; ``concrete_args``
+    are given to either frontend (export specialises the graph on them).
 
     The caller's model is not changed. The result's recipe records how to rebuild its base:
     ``base`` if given (builders in :mod:`fxgrow.models` set it), else the model's class; with

@@ -156,7 +156,7 @@ def test_transformer_encoder_exposes_its_attention(norm_first, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["symbolic", "export"])
-def test_torchvision_vit_pipeline(method):
+def test_torchvision_vit_pipeline(method, tmp_path):
     torchvision = pytest.importorskip("torchvision")
     model = torchvision.models.VisionTransformer(image_size=16, patch_size=8, num_layers=1,
                                                  num_heads=2, hidden_dim=16, mlp_dim=32,
@@ -171,6 +171,10 @@ def test_torchvision_vit_pipeline(method):
     assert widths[f"{stem}.self_attention.in_proj_weight"] == 3 * 2 * 4
     assert widths[f"{stem}.mlp.0"] == 16
     _same_grads_for_originals(reduced, grown, (x,), lambda out: _ce(out, y))
+    fresh = torchvision.models.VisionTransformer(image_size=16, patch_size=8, num_layers=1,
+                                                 num_heads=2, hidden_dim=16, mlp_dim=32,
+                                                 num_classes=3)
+    _roundtrip(grown, tmp_path / "m", (x,), model=fresh)
     _trains(grown, (x,), y, _ce)
 
 
