@@ -433,3 +433,17 @@ def test_cross_attention_linears_on_blocks_of_the_packed_projection():
     assert result.ok and sum(r.kind == "grad" for r in result.rows) == len(list(gm.parameters()))
     with pytest.raises(ReduceError, match="rows 0:16 of parameter 'attn.in_proj_weight'"):
         reduce(gm, example_inputs=(x, memory), head_dim=0.5)
+
+
+def test_trace_refuses_what_it_cannot_record():
+    from fxgrow.errors import TraceError
+
+    model = _Block()
+    with pytest.raises(TraceError, match="method must be one of"):
+        fxgrow.trace(model, method="jit")
+    with pytest.raises(TraceError, match="needs example_inputs"):
+        fxgrow.trace(model, method="export")
+    with pytest.raises(TraceError, match="example input 0 is a str, not a tensor"):
+        fxgrow.trace(model, ("text",), method="export")
+    with pytest.raises(TraceError, match="do not fit _Block.forward"):
+        fxgrow.trace(model, {"y": torch.zeros(2, 4, 16)}, method="export")
