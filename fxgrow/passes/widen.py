@@ -550,7 +550,8 @@ def _new_parameters(gm: fx.GraphModule, stream: _Stream, residual: _Map,
     linear_params = set()
     for target, site_list in sites.items():
         site = site_list[0]
-        wname = target + ".weight" if site.kind == "module" else target
+        # an ATen linear is named by its module path; its weight by the parameter's own path
+        wname = target + ".weight" if site.kind == "module" else site.weight_node.target
         linear_params.add(wname)
         if site.kind == "module":
             linear_params.add(target + ".bias")
@@ -570,6 +571,9 @@ def _new_parameters(gm: fx.GraphModule, stream: _Stream, residual: _Map,
             in_map = col_maps[target]
         if out_map is None and in_map is None:
             continue
+        if site.weight_transposed or site.weight_rows is not None:
+            raise WidenError(f"linear {target!r}: its weight is stored transposed or is a block "
+                             f"of rows of {site.weight_node.target!r}; widen does not rewrite it")
         dims = {}
         if out_map is not None:
             dims[0] = out_map
