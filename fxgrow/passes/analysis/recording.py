@@ -75,9 +75,9 @@ def recording_copy(
 
 
 def _route_linears_through_onednn(gm: fx.GraphModule, graph: fx.Graph) -> dict[fx.Node, fx.Node]:
-    """Make every plain linear of ``graph`` (a copy of ``gm``'s) a call of
-    :func:`fxgrow.passes.analysis.gemm.linear`: the same float32 arithmetic through a faster GEMM where
-    oneDNN is, with no gradient for parameters. Linear subclasses keep their own forward.
+    """Make every plain linear of ``graph`` (a copy of ``gm``'s) a call of :func:`.gemm.linear`:
+    the same float32 arithmetic through a faster GEMM where oneDNN is, with no gradient for
+    parameters. Linear subclasses keep their own forward.
     Returns the nodes replaced, each mapped to its replacement."""
     replaced: dict[fx.Node, fx.Node] = {}
     for node in list(graph.nodes):

@@ -23,8 +23,8 @@ modules' training flags are restored afterwards) and the caller's GraphModule, i
 parameters and their ``.grad`` are left as they were: gradients are taken with
 ``torch.autograd.grad`` with respect to the recorded outputs only. In the recording copy,
 plain linears (``nn.Linear`` modules and ``F.linear`` calls) run through oneDNN's float32
-GEMM where it applies (``fxgrow.passes.analysis.gemm``: the same arithmetic, faster on AMD CPUs) and give
-no parameter gradients, which the analysis never asks for.
+GEMM where it applies (:mod:`.gemm`: the same arithmetic, faster on some CPUs) and give no
+parameter gradients, which the analysis never asks for.
 """
 
 from __future__ import annotations
@@ -79,10 +79,10 @@ def analyze(
     target, all targets at once) and calls a dense eigensolver; ``"fast"`` keeps a uniform
     reservoir of at most ``reservoir_tokens`` tokens per target (exactly the data when all
     tokens fit; otherwise S_j is estimated from the sample, scaled by tokens / kept) and runs
-    batched Lanczos (:func:`fxgrow.passes.analysis.eigen.lanczos_smallest`: residual at most ``tol`` times
-    the eigenvalue, at most ``max_iter`` steps, started from
-    :func:`fxgrow.passes.analysis.eigen.splitting_first_step`) on the implicit product. ``device``: where
-    statistics and eigensolvers live (default: the device of the model's parameters).
+    batched Lanczos (:func:`.eigen.lanczos_smallest`: residual at most ``tol`` times the
+    eigenvalue, at most ``max_iter`` steps, started from :func:`.eigen.splitting_first_step`)
+    on the implicit product. ``device``: where statistics and eigensolvers live (default:
+    the device of the model's parameters).
 
     The defaults (``tol`` 3e-2, ``max_iter`` 40) are enough for ranking: the eigenvalue
     error is about residual^2 / gap (see docs/lanczos.md; the README lists the errors
