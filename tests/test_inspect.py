@@ -168,3 +168,16 @@ def test_draw_growth_writes_a_png(models, tmp_path):
     labels = {t.get_text() for t in figure.axes[0].texts}
     assert "mlp.fc1" in labels and "mlp.fc1_grow1_fused" in labels
     assert str(three.graph) == str(before)
+
+
+@pytest.mark.parametrize("attention", [torch.nn.functional.scaled_dot_product_attention,
+                                       torch.ops.aten.scaled_dot_product_attention.default],
+                         ids=["functional", "aten"])
+def test_summary_counts_attention_however_it_is_called(attention):
+    graph = torch.fx.Graph()
+    q = graph.placeholder("q")
+    graph.output(graph.call_function(attention, (q, q, q)))
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    x = torch.randn(2, 3, 5, 4)  # batch 2, 3 heads, 5 tokens, head dim 4
+    expected = 2 * 3 * (5 * 5 * 4 + 5 * 5 * 4)  # q k^T and the product with v
+    assert summary(gm, x).total_flops == expected == fxgrow.verify.count_flops(gm, x).total

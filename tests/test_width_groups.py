@@ -139,3 +139,19 @@ def test_synthesised_inputs_and_a_graph_that_does_not_run():
     assert len(width_groups(fxgrow.trace(model))) == 5  # image size taken from the model
     with pytest.raises(fxgrow.ReduceError, match="does not run"):
         width_groups(fxgrow.trace(Residual()), torch.randn(1, 4, 9))
+
+
+@pytest.mark.parametrize("act", [nn.GELU(), timm.layers.activations.GELU(), nn.Hardswish()],
+                         ids=["torch", "timm", "hardswish"])
+def test_every_activation_of_the_op_table_passes_channels_through(act):
+    class Mlp(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.act, self.fc2 = nn.Linear(8, 16), act, nn.Linear(16, 8)
+
+        def forward(self, x):
+            return x + self.fc2(self.act(self.fc1(x)))
+
+    group = by_producer(width_groups(fxgrow.trace(Mlp()), (torch.randn(2, 8),)))["fc1"]
+    assert group.kind == "mlp_hidden" and group.reducible
+    assert group.consumers == ("fc2",) and group.segment_sizes == (16,)
