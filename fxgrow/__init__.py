@@ -23,7 +23,7 @@ from .recipes import history, recipe
 from .linears import LinearSite, linear_sites
 from .plan import GrowthPlan
 from .passes.analysis import SplittingReport
-from .select import select
+from .select import select, why_nothing_selected
 from .tracing import trace
 from .io import load, save
 from .inspection import GraphDiff, Summary, diff, draw_growth, summary
@@ -73,6 +73,7 @@ __all__ = [
     "TripleScaler",
     "TripleSchedule",
     "select",
+    "why_nothing_selected",
     "SplittingReport",
     "summary",
     "Summary",

@@ -89,7 +89,7 @@ EINSUM_FUNCTIONS = frozenset({torch.einsum}) | _aten_overloads("einsum")
 # (as fvcore reports them): the ones fvcore and torch.utils.flop_counter both count.
 PRODUCT_OPERATORS = frozenset({
     "linear", "addmm", "mm", "matmul", "bmm", "baddbmm", "conv", "einsum",
-    "scaled_dot_product_attention",
+    "scaled_dot_product_attention", "_native_multi_head_attention",
 })
 
 # -- ops that carry channels through unchanged or rearranged -----------------------------------

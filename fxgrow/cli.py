@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import EquivalenceError, FxgrowError, ScheduleError
+from .errors import (CheckpointError, ConfigError, EquivalenceError, FxgrowError, StorageError,
+                     storage_error)
 
 EXAMPLES = """\
 examples:
@@ -20,12 +22,12 @@ examples:
                                        # TripLe: widen, stage I, deepen (+m), II, III
   fxgrow compare --model tiny_vit --epochs 12 --warmup 4 --interval 3 --end-epoch 10 \\
       --budget 64 --layer-threshold 2 --run-dir runs/compare
-  fxgrow scale --model vit_tiny_patch16_224 \\
+  fxgrow scale --model vit_tiny_patch16_224 --budget 32 --layer-threshold 2 \\
       --model-kwargs '{"img_size": 32, "patch_size": 4, "depth": 4}' --run-dir runs/t
   fxgrow reduce --model deit_small_patch16_224 --model-kwargs '{"num_classes": 100}' \\
       --out models/deit_s_reduced
   fxgrow inspect models/deit_s_reduced
-  fxgrow analyze models/m --data digits --batches 4 --out reports/m --plan-out plan.json \\
+  fxgrow analyze models/m --data digits --batches 4 --out m.report --plan-out plan.json \\
       --budget 32 --layer-threshold 2
   fxgrow grow models/m --plan plan.json --out models/m_grown
   fxgrow verify models/m models/m_grown
@@ -33,22 +35,26 @@ examples:
   torchrun --nproc_per_node=4 -m fxgrow.cli scale --batch-size 256 ... --run-dir runs/ddp
                                        # DDP; --batch-size is the global batch
 
-Models are
 Models are timm names (built with pretrained=False; keyword arguments as JSON with
 --model-kwargs) or fxgrow's own builders (fxgrow.models). --data is "digits" (scikit-learn's
 digits, embedded) or an ImageFolder root with train/ and val/ sub-directories.
-Exit codes: 0 success, 1 verification failed, 2 bad input (nothing written), 3 another
-rank failed or a collective timed out (distributed runs).
+Exit codes: 0 success, 1 verification failed, 2 bad input or usage (nothing written),
+3 another rank failed or a collective timed out (distributed runs), 4 the disk refused a
+write (full, read-only, a path that is a file), 5 an internal error of fxgrow (a bug).
 """
 
 
 # -------------------------------------------------------------------------- argument groups
 
 
+DEFAULT_MODEL = "tiny_vit"
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny_vit",
-                   help="timm model name or fxgrow builder (default: tiny_vit)")
-    p.add_argument("--model-kwargs", default="{}", metavar="JSON",
+    # Defaults are None so that a command can tell an option given from one left out.
+    p.add_argument("--model", default=None,
+                   help=f"timm model name or fxgrow builder (default: {DEFAULT_MODEL})")
+    p.add_argument("--model-kwargs", default=None, metavar="JSON",
                    help='keyword arguments of the model as JSON, e.g. \'{"depth": 4}\'')
 
 
@@ -161,10 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir")
     p.add_argument("--data", default="digits")
     p.add_argument("--img-size", type=int, default=None)
-    p.add_argument("--batches", type=int, default=4)
+    p.add_argument("--batches", type=int, default=4, help="analysis batches (at least 1)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--method", choices=("fast", "exact"), default="fast")
-    p.add_argument("--out", required=True, help="report directory")
+    p.add_argument("--out", required=True,
+                   help="report file to create (safetensors; refused if it exists)")
     p.add_argument("--plan-out", default=None, help="write the selected plan (JSON) here")
     p.add_argument("--budget", type=int, default=None)
     p.add_argument("--budget-unit", choices=("neurons", "params"), default="neurons")
@@ -184,10 +191,144 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("candidate")
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random test input")
 
     sub.add_parser("demo-reduce", help="trace DeiT-S and reduce it as the paper does")
     return parser
+
+
+# ----------------------------------------------------------------------------- validation
+# One function per option group, each run before a command reads or writes anything, so that
+# bad input costs nothing and leaves nothing behind.
+
+
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _check_number(args: argparse.Namespace, name: str, *, low: float, above: bool = False,
+                  high: float | None = None, optional: bool = False) -> None:
+    """``--name`` is finite and at least ``low`` (above ``low`` with ``above``), at most
+    ``high``; None passes when ``optional``."""
+    value = getattr(args, name)
+    flag = "--" + name.replace("_", "-")
+    if value is None:
+        _need(optional, f"{flag} is required")
+        return
+    bound = f"> {low}" if above else f">= {low}"
+    kind = "an integer" if isinstance(value, int) else "a finite number"
+    _need(math.isfinite(value) and (value > low if above else value >= low)
+          and (high is None or value <= high),
+          f"{flag} must be {kind} {bound}{f' and <= {high}' if high is not None else ''}"
+          f", got {value}")
+
+
+def _check_model_args(args: argparse.Namespace) -> None:
+    """--model / --model-kwargs; fills their defaults (as the run directory records them)."""
+    if args.model is None:
+        args.model = DEFAULT_MODEL
+    if args.model_kwargs is None:
+        args.model_kwargs = "{}"
+    _need(bool(args.model.strip()), "--model must name a model")
+    _model_kwargs(args.model_kwargs)
+
+
+def _check_reduce_args(args: argparse.Namespace) -> None:
+    for name in ("head_dim", "mlp_hidden"):
+        _check_number(args, name, low=0.0, above=True, high=1.0)
+
+
+def _check_image_size(args: argparse.Namespace) -> None:
+    _check_number(args, "img_size", low=1, optional=True)
+
+
+def _check_train_args(args: argparse.Namespace) -> None:
+    """Training, scaling-schedule and distributed options of ``scale`` and ``compare``."""
+    _check_image_size(args)
+    for name in ("epochs", "batch_size", "interval", "analysis_batches"):
+        _check_number(args, name, low=1)
+    for name in ("warmup", "layer_threshold", "seed"):
+        _check_number(args, name, low=0)
+    for name in ("budget", "param_target", "reservoir", "end_epoch"):
+        _check_number(args, name, low=1 if name != "end_epoch" else 0, optional=True)
+    _check_number(args, "lr", low=0.0, above=True)
+    _check_number(args, "min_lr", low=0.0, high=args.lr if math.isfinite(args.lr) else None)
+    for name in ("weight_decay", "lr_warmup"):
+        _check_number(args, name, low=0.0)
+    _check_number(args, "label_smoothing", low=0.0)
+    _need(args.label_smoothing < 1, f"--label-smoothing must be < 1, got {args.label_smoothing}")
+    _check_number(args, "clip_grad", low=0.0, above=True, optional=True)
+    _check_number(args, "growth_scale", low=0.0, above=True)
+    _check_number(args, "dist_timeout", low=0.0, above=True, optional=True)
+    _need(args.budget is not None or args.param_target is not None
+          or _triple(args) is not None,
+          "give --budget (per round) or --param-target (final params)")
+    _need(args.budget is None or args.param_target is None,
+          "give only one of --budget and --param-target")
+    if args.targets is not None:
+        names = args.targets.split(",")
+        _need(all(n.strip() for n in names), f"--targets has an empty name: {args.targets!r}")
+    _train_config(args)  # the trainer's own checks (optimizer name, min_lr <= lr, ...)
+    _schedule(args)
+
+
+def _check_targets(args: argparse.Namespace, gm) -> None:
+    """--targets names linears of the model (checked once it is built, before training)."""
+    if args.targets is None:
+        return
+    from .linears import linear_sites
+
+    sites = linear_sites(gm)
+    unknown = [t for t in args.targets.split(",") if t not in sites]
+    _need(not unknown, f"--targets names no linear of the model: {unknown}; it has e.g. "
+                       f"{list(sites)[:4]}")
+
+
+def _check_new_output(path: str, flag: str) -> None:
+    """An output path that must not exist yet, in a directory that can hold it."""
+    target = Path(path)
+    _need(not (target.exists() or target.is_symlink()),
+          f"{flag} {path!r} already exists; choose another output (nothing was written)")
+    parent = next((p for p in target.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise StorageError(f"{flag} {path!r}: {parent} is a file, not a directory")
+
+
+def _check_analyze_args(args: argparse.Namespace) -> None:
+    _check_image_size(args)
+    for name in ("batches", "batch_size"):
+        _check_number(args, name, low=1)
+    _check_number(args, "layer_threshold", low=0)
+    _check_number(args, "budget", low=1, optional=True)
+    _check_new_output(args.out, "--out")
+    if args.plan_out is not None:
+        _need(args.budget is not None, "--plan-out needs --budget (neurons or params per plan)")
+        _need(Path(args.plan_out).absolute() != Path(args.out).absolute(),
+              "--plan-out and --out name the same file")
+        _check_new_output(args.plan_out, "--plan-out")
+
+
+def _check_grow_args(args: argparse.Namespace) -> None:
+    _check_image_size(args)
+    _check_number(args, "scale", low=0.0, above=True)
+    _check_new_output(args.out, "--out")
+
+
+def _check_verify_args(args: argparse.Namespace) -> None:
+    _check_image_size(args)
+    _check_number(args, "batch", low=1)
+    _check_number(args, "seed", low=0)
+
+
+def _check_reduce_command(args: argparse.Namespace) -> None:
+    if args.load is not None:
+        _need(args.model is None and args.model_kwargs is None,
+              "--load reduces a saved model: --model and --model-kwargs do not apply to it")
+    else:
+        _check_model_args(args)
+    _check_reduce_args(args)
+    _check_new_output(args.out, "--out")
 
 
 # -------------------------------------------------------------------------------- helpers
@@ -197,9 +338,9 @@ def _model_kwargs(text: str) -> dict[str, Any]:
     try:
         kwargs = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ScheduleError(f"--model-kwargs is not JSON: {exc}") from exc
+        raise ConfigError(f"--model-kwargs is not JSON: {exc}") from exc
     if not isinstance(kwargs, dict):
-        raise ScheduleError(f"--model-kwargs must be a JSON object, got {text!r}")
+        raise ConfigError(f"--model-kwargs must be a JSON object, got {text!r}")
     return kwargs
 
 
@@ -224,7 +365,7 @@ def _build(spec: dict[str, Any], reduce: tuple[float, float] | None):
     return gm
 
 
-def _example_input(gm, img_size: int | None, batch: int = 1):
+def _example_input(gm, img_size: int | None, batch: int = 1, seed: int = 0):
     import torch
 
     if img_size is None:
@@ -236,7 +377,7 @@ def _example_input(gm, img_size: int | None, batch: int = 1):
             img_size = size[0] if isinstance(size, (tuple, list)) else size
         except AttributeError:
             img_size = 224
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 3, img_size, img_size, generator=generator)
 
 
@@ -254,9 +395,7 @@ def _schedule(args: argparse.Namespace):
     from .training.scaler import ScalingSchedule
 
     if args.budget is None and args.param_target is None:
-        if _triple(args) is not None:
-            return None  # a TripLe run without neuron growth
-        raise ScheduleError("give --budget (per round) or --param-target (final params)")
+        return None  # a TripLe run without neuron growth (validated by _check_train_args)
     return ScalingSchedule(
         warmup_epochs=args.warmup, interval=args.interval,
         end_epoch=args.end_epoch if args.end_epoch is not None else args.epochs - 1,
@@ -293,11 +432,27 @@ def _resumed_args(args: argparse.Namespace, run_dir: Path) -> argparse.Namespace
     from .training.rundir import RunDir
 
     saved = RunDir(run_dir, resume=True).config().get("extra", {}).get("cli")
-    if saved is None:
-        raise FxgrowError(f"{run_dir} was not started by the fxgrow command line")
-    merged = argparse.Namespace(**saved)
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{run_dir} was not started by the fxgrow command line")
+    return _merged(saved, args, run_dir)
+
+
+def _merged(saved: dict[str, Any], args: argparse.Namespace, run_dir: Path) -> argparse.Namespace:
+    """The recorded options of a run and this invocation's run-only options, re-validated
+    (a run directory is a file a user can edit)."""
+    defaults = vars(build_parser().parse_args([args.command]))
+    unknown = sorted(set(saved) - set(defaults))
+    if unknown:
+        raise CheckpointError(f"{run_dir}: the recorded options name unknown options {unknown}")
+    merged = argparse.Namespace(**{**defaults, **saved})
     for key in _RUN_ONLY:
         setattr(merged, key, getattr(args, key, None))
+    try:
+        _check_model_args(merged)
+        _check_reduce_args(merged)
+        _check_train_args(merged)
+    except (ConfigError, TypeError) as exc:
+        raise CheckpointError(f"{run_dir}: the recorded options are invalid: {exc}") from exc
     return merged
 
 
@@ -306,7 +461,8 @@ def _setup(args: argparse.Namespace, reduced: bool):
     from .training import data as data_mod
     from .training.trainer import seed_everything
 
-    img_size = args.img_size or (32 if args.data == "digits" else 224)
+    img_size = args.img_size if args.img_size is not None else (
+        32 if args.data == "digits" else 224)
     bundle = data_mod.load(args.data, img_size, seed=args.seed)
     kwargs = _model_kwargs(args.model_kwargs)
     kwargs.setdefault("num_classes", bundle.num_classes)
@@ -316,7 +472,9 @@ def _setup(args: argparse.Namespace, reduced: bool):
     config = _train_config(args)
     seed_everything(args.seed)
     reduce = (args.head_dim, args.mlp_hidden) if reduced else None
-    return bundle, _build(spec, reduce), config
+    model = _build(spec, reduce)
+    _check_targets(args, model)
+    return bundle, model, config
 
 
 # ------------------------------------------------------------------------------- commands
@@ -327,7 +485,7 @@ def _new_run_dir(args: argparse.Namespace) -> Path:
     from .training.rundir import RunDir
 
     if args.run_dir is None:
-        raise ScheduleError("give --run-dir (a new directory) or --resume RUN_DIR")
+        raise ConfigError("give --run-dir (a new directory) or --resume RUN_DIR")
     run_dir = Path(args.run_dir)
     # Refuse an existing directory before any work (rank 0 decides for all ranks).
     distributed.on_main(lambda: RunDir(run_dir), "checking the run directory")
@@ -342,6 +500,9 @@ def cmd_scale(args: argparse.Namespace) -> int:
         run_dir = Path(args.resume)
         args = _resumed_args(args, run_dir)
     else:
+        _check_model_args(args)
+        _check_reduce_args(args)
+        _check_train_args(args)
         run_dir = _new_run_dir(args)
     cli = _recorded_args(args)
     schedule = _schedule(args)
@@ -359,16 +520,28 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .training import distributed
     from .training.trainer import fit
 
+    from . import _fsio
+
     if args.resume:
         run_dir = Path(args.resume)
         if not (run_dir / "compare.json").is_file():
-            raise FxgrowError(f"{run_dir} is not a compare run directory (no compare.json)")
-        saved = json.loads((run_dir / "compare.json").read_text())
-        args = argparse.Namespace(**saved, **{k: getattr(args, k, None) for k in _RUN_ONLY})
+            raise CheckpointError(f"{run_dir} is not a compare run directory (no compare.json)")
+        try:
+            saved = json.loads((run_dir / "compare.json").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{run_dir}/compare.json is unreadable: {exc}") from exc
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"{run_dir}/compare.json is not a record of options")
+        args = _merged(saved, args, run_dir)
     else:
+        _check_model_args(args)
+        _check_reduce_args(args)
+        _check_train_args(args)
         run_dir = _new_run_dir(args)
     cli = _recorded_args(args)
-    _schedule(args)  # validate before training anything
+    # The grown arm's reduction is checked before the full arm trains (its ratios may not fit).
+    _build(model_spec(args.model, _model_kwargs(args.model_kwargs)), (args.head_dim,
+                                                                      args.mlp_hidden))
     rows = []
     for label, grow_model in (("full", False), ("grown", True)):
         bundle, model, config = _setup(args, reduced=grow_model)
@@ -377,8 +550,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
         resume = bool(args.resume) and (sub / "config.json").is_file()
         if not args.resume and label == "full":
             def start() -> None:
-                run_dir.mkdir(parents=True)
-                (run_dir / "compare.json").write_text(json.dumps(cli, indent=1, sort_keys=True))
+                with _fsio.storage_errors(f"creating the run directory {run_dir}"):
+                    run_dir.mkdir(parents=True)
+                _fsio.atomic_write(run_dir / "compare.json",
+                                   json.dumps(cli, indent=1, sort_keys=True))
 
             distributed.on_main(start, "creating the run directory")
         if not args.quiet and distributed.is_main():
@@ -395,7 +570,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                      "rounds": sum(1 for r in result.growth if r.get("grown"))})
     table = compare_table(rows)
     if distributed.is_main():
-        (run_dir / "compare.md").write_text(table + "\n")
+        _fsio.atomic_write(run_dir / "compare.md", table + "\n")
         print(table)
         print(f"run directory: {run_dir}")
     return 0
@@ -419,6 +594,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from . import load
     from .inspection import summary
 
+    _check_image_size(args)
     gm = load(args.model_dir)
     print(summary(gm, _example_input(gm, args.img_size)))
     return 0
@@ -429,7 +605,7 @@ def cmd_reduce(args: argparse.Namespace) -> int:
     from .passes import ReduceSpec, reduce as reduce_pass
     from .verify import count_params
 
-    _refuse_existing(args.out)
+    _check_reduce_command(args)
     if args.load:
         gm = reduce_pass(load(args.load), ReduceSpec(head_dim=args.head_dim,
                                                      mlp_hidden=args.mlp_hidden))
@@ -448,44 +624,47 @@ def cmd_reduce(args: argparse.Namespace) -> int:
 def cmd_analyze(args: argparse.Namespace) -> int:
     import torch.nn.functional as F
 
-    from . import load, select
+    from . import _fsio, load, select
     from .training import data as data_mod
     from .passes import analyze
 
+    _check_analyze_args(args)
     gm = load(args.model_dir)
-    img_size = args.img_size or _example_input(gm, None).shape[-1]
+    img_size = args.img_size if args.img_size is not None else _example_input(gm, None).shape[-1]
     bundle = data_mod.load(args.data, img_size)
-    if args.plan_out:
-        _refuse_existing(args.plan_out)
     batches = []
     for batch in data_mod.loader(bundle.train, args.batch_size, shuffle=False):
         batches.append(batch)
         if len(batches) == args.batches:
             break
     report = analyze(gm, batches, F.cross_entropy, method=args.method, progress=not args.quiet)
-    report.save(args.out)
-    print(report.summary())
-    if args.plan_out:
-        if args.budget is None:
-            raise ScheduleError("--plan-out needs --budget")
+    plan = None
+    if args.plan_out:  # selected before anything is written
         plan = select(report, budget=args.budget, layer_threshold=args.layer_threshold,
                       budget_unit=args.budget_unit)
-        Path(args.plan_out).write_text(plan.to_json())
+    with _fsio.storage_errors(f"writing the report {args.out}"):
+        report.save(args.out)
+    print(report.summary())
+    if plan is not None:
+        _fsio.atomic_write(args.plan_out, plan.to_json())
         print(f"plan: {plan.num_neurons} neurons in {len(plan)} layers -> {args.plan_out}")
     return 0
 
 
 def cmd_grow(args: argparse.Namespace) -> int:
     from . import GrowthPlan, load, save
+    from .errors import PlanError
     from .passes import grow
     from .verify import check_equivalence, count_params
 
-    _refuse_existing(args.out)
-    gm = load(args.model_dir)
+    _check_grow_args(args)
     try:
-        plan = GrowthPlan.from_json(Path(args.plan).read_text())
+        plan = GrowthPlan.from_json(Path(args.plan).read_text(encoding="utf-8"))
     except OSError as exc:
-        raise ScheduleError(f"cannot read plan {args.plan}: {exc}") from exc
+        raise PlanError(f"cannot read plan {args.plan}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise PlanError(f"plan {args.plan} is not a UTF-8 text file: {exc}") from exc
+    gm = load(args.model_dir)
     grown = grow(gm, plan, scale=args.scale, mode=args.mode)
     report = check_equivalence(gm, grown, _example_input(gm, args.img_size, batch=2))
     if not report.ok:
@@ -501,9 +680,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from . import load
     from .verify import check_equivalence
 
+    _check_verify_args(args)
     reference, candidate = load(args.reference), load(args.candidate)
     report = check_equivalence(reference, candidate,
-                               _example_input(reference, args.img_size, batch=args.batch))
+                               _example_input(reference, args.img_size, batch=args.batch,
+                                              seed=args.seed))
     print(report)
     print("equivalent" if report.ok else "NOT equivalent")
     return 0 if report.ok else 1
@@ -516,11 +697,6 @@ def cmd_demo_reduce(args: argparse.Namespace) -> int:
     return 0
 
 
-def _refuse_existing(path: str) -> None:
-    if Path(path).exists():
-        raise FxgrowError(f"{path!r} already exists; choose another output (nothing was written)")
-
-
 COMMANDS = {
     "scale": cmd_scale, "compare": cmd_compare, "inspect": cmd_inspect, "reduce": cmd_reduce,
     "analyze": cmd_analyze, "grow": cmd_grow, "verify": cmd_verify,
@@ -529,8 +705,11 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``fxgrow`` console script."""
-    args = build_parser().parse_args(argv)
+    """Entry point of the ``fxgrow`` console script; returns the exit code (see EXAMPLES)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2), already printed
+        return exc.code if isinstance(exc.code, int) else 2
     if args.command not in ("scale", "compare"):
         return _run(args)
     import torch.distributed
@@ -567,7 +746,11 @@ def _run(args: argparse.Namespace) -> int:
         return 1
     except FxgrowError as exc:
         print(f"fxgrow: error: {exc}", file=sys.stderr)
-        return getattr(exc, "exit_code", 2)
+        return exc.exit_code
+    except OSError as exc:  # a write fxgrow did not wrap: still the disk's answer, named
+        error = storage_error(exc, f"fxgrow {args.command}")
+        print(f"fxgrow: error: {error}", file=sys.stderr)
+        return error.exit_code
 
 
 if __name__ == "__main__":

@@ -11,18 +11,21 @@ A saved model is a directory::
 the recorded way, ``load(path, model=...)``), replays the history through
 :mod:`fxgrow.passes.replay` and loads the weights strictly. Nothing is unpickled, so a model
 someone sent you cannot run code on load (docs/saving.md).
+
+Integrity, not authenticity: the recipe's checksum and the weights' sha256 are unkeyed
+digests, so they detect a truncated or corrupted file, not a file crafted to match them.
+Every file name a recipe gives is confined to the model directory (a plain name, no path).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import ctypes
 import hashlib
 import json
+import numbers
 import os
+import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +33,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open
+from safetensors.torch import save as safetensors_bytes
 
-from . import recipes
+from . import _fsio, recipes
 from .errors import CheckpointError
 
 FORMAT = "fxgrow-model"
@@ -72,56 +76,74 @@ def save(gm: fx.GraphModule, path: str | os.PathLike) -> Path:
     target = Path(path)
     _check_replaceable(target)
     tensors = _tensors_for_file(gm)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the saved model private
-        weights = tmp / WEIGHTS_FILE
-        save_file(tensors, str(weights))
-        _fsync(weights)
-        document = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "fxgrow_version": _fxgrow_version(),
-            "torch_version": torch.__version__,
-            "base": data["base"],
-            "history": data["history"],
-            "training": gm.training,
-            "weights": {
-                "file": WEIGHTS_FILE,
-                "bytes": weights.stat().st_size,
-                "sha256": _sha256(weights),
-                "tensors": {
-                    key: {"shape": list(t.shape), "dtype": _dtype_name(t.dtype)}
-                    for key, t in tensors.items()
-                },
-            },
-        }
+    with _fsio.storage_errors(f"saving the model to {target}"):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _fsio.make_temp_dir(target.parent, f".{target.name}.tmp-")
         try:
-            document["checksum"] = _checksum(document)
-            text = json.dumps(document, indent=1, sort_keys=True)
-        except (TypeError, ValueError) as exc:
-            raise CheckpointError(f"the recipe of this GraphModule is not JSON: {exc}") from exc
-        recipe_path = tmp / RECIPE_FILE
-        recipe_path.write_text(text + "\n", encoding="utf-8")
-        _fsync(recipe_path)
-        _fsync(tmp)
-        _put_in_place(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+            _write_model_files(gm, data, tensors, tmp)
+            _fsio.fsync_path(tmp)
+            _fsio.replace_dir(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
+def _write_model_files(
+    gm: fx.GraphModule, data: dict[str, Any], tensors: dict[str, torch.Tensor], tmp: Path
+) -> None:
+    # Serialised in memory and written by Python, so a full or read-only disk raises an
+    # OSError naming the cause (safetensors' own writer reports a bare iostream error).
+    blob = safetensors_bytes(tensors)
+    _fsio.atomic_write(tmp / WEIGHTS_FILE, blob)
+    document = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "fxgrow_version": _fxgrow_version(),
+        "torch_version": torch.__version__,
+        "base": data["base"],
+        "history": data["history"],
+        "training": gm.training,
+        "weights": {
+            "file": WEIGHTS_FILE,
+            "bytes": len(blob),
+            "sha256": hashlib.sha256(blob).hexdigest(),
+            "tensors": {
+                key: {"shape": list(t.shape), "dtype": _dtype_name(t.dtype)}
+                for key, t in tensors.items()
+            },
+        },
+    }
+    try:
+        document["checksum"] = _checksum(document)
+        text = json.dumps(document, indent=1, sort_keys=True)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"the recipe of this GraphModule is not JSON: {exc}") from exc
+    _fsio.atomic_write(tmp / RECIPE_FILE, text + "\n")
+
+
 def _check_replaceable(target: Path) -> None:
+    """Only an empty directory or one holding exactly a model fxgrow wrote may be replaced:
+    a directory that also holds anything else (notes, an ``eval/`` folder) is refused."""
     if target.is_symlink() or (target.exists() and not target.is_dir()):
         raise CheckpointError(f"cannot save to {str(target)!r}: it exists and is not a directory")
-    if target.is_dir() and any(target.iterdir()) and not (target / RECIPE_FILE).is_file():
+    if not target.is_dir():
+        return
+    entries = sorted(p.name for p in target.iterdir())
+    if not entries:
+        return
+    try:
+        document = read_recipe(target)
+    except CheckpointError as exc:
         raise CheckpointError(
             f"refusing to replace {str(target)!r}: it is a non-empty directory that is not a "
-            f"saved fxgrow model (no {RECIPE_FILE})"
+            f"saved fxgrow model ({exc})"
+        ) from exc
+    others = [e for e in entries if e not in (RECIPE_FILE, document["weights"]["file"])]
+    if others:
+        raise CheckpointError(
+            f"refusing to replace {str(target)!r}: besides a saved model it holds "
+            f"{_preview(others)}, which a save would delete; move them or save elsewhere"
         )
 
 
@@ -139,43 +161,6 @@ def _tensors_for_file(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
             seen.add(tensor.untyped_storage().data_ptr())
         out[key] = tensor
     return out
-
-
-def _put_in_place(tmp: Path, target: Path) -> None:
-    """Make ``tmp`` appear at ``target`` in one step, replacing a model already there."""
-    if not target.exists():
-        os.replace(tmp, target)
-    elif _exchange(tmp, target):
-        shutil.rmtree(tmp)  # now holds the previous model
-    else:
-        # Without an atomic exchange: set the old model aside, then move the new one in. A crash
-        # between the two renames leaves no model at ``target`` but the old one intact aside.
-        aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.replace(target, aside / "model")
-        os.replace(tmp, target)
-        shutil.rmtree(aside)
-    _fsync(target.parent)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two directories (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    at_fdcwd, rename_exchange = -100, 2
-    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
-
-
-def _fsync(path: Path) -> None:
-    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0)
-    fd = os.open(path, flags)
-    try:
-        with contextlib.suppress(OSError):  # some filesystems cannot fsync a directory
-            os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------------------- load
@@ -238,6 +223,8 @@ def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{str(root)!r}: missing file {RECIPE_FILE}")
     try:
         document = json.loads(recipe_path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise CheckpointError(f"{recipe_path}: unreadable: {exc}") from exc
     except UnicodeDecodeError as exc:
         raise CheckpointError(f"{recipe_path}: not a text file ({exc})") from exc
     except json.JSONDecodeError as exc:
@@ -260,11 +247,55 @@ def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(
             f"{recipe_path}: checksum mismatch: the recipe was edited after it was saved"
         )
+    _check_recipe_fields(recipe_path, document)
     return document
 
 
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _check_recipe_fields(recipe_path: Path, document: dict[str, Any]) -> None:
+    """The types of every field ``load`` uses, and file names confined to the model dir."""
+
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{recipe_path}: {what}")
+
+    def count(value: Any) -> bool:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0
+
+    if document["base"] is not None and not isinstance(document["base"], dict):
+        raise bad(f"'base' must be an object, got {type(document['base']).__name__}")
+    history = document["history"]
+    if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+        raise bad("'history' must be a list of pass records (objects)")
+    if not isinstance(document.get("training", False), bool):
+        raise bad("'training' must be true or false")
+    weights = document["weights"]
+    if not isinstance(weights, dict):
+        raise bad(f"'weights' must be an object, got {type(weights).__name__}")
+    missing = [k for k in ("file", "bytes", "sha256", "tensors") if k not in weights]
+    if missing:
+        raise bad(f"'weights' lacks field(s) {', '.join(missing)}")
+    name = weights["file"]
+    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name \
+            or "\\" in name or name == RECIPE_FILE:
+        raise bad(f"weights file {name!r} is not a plain file name inside the model directory")
+    if not count(weights["bytes"]):
+        raise bad(f"weights 'bytes' must be a non-negative integer, got {weights['bytes']!r}")
+    if not isinstance(weights["sha256"], str) or not _SHA256.fullmatch(weights["sha256"]):
+        raise bad(f"weights 'sha256' must be 64 hex digits, got {weights['sha256']!r}")
+    tensors = weights["tensors"]
+    if not isinstance(tensors, dict):
+        raise bad(f"weights 'tensors' must be an object, got {type(tensors).__name__}")
+    for key, spec in tensors.items():
+        if not (isinstance(spec, dict) and isinstance(spec.get("shape"), list)
+                and all(count(d) for d in spec["shape"]) and isinstance(spec.get("dtype"), str)):
+            raise bad(f"weights entry {key!r} must be {{'shape': [sizes], 'dtype': name}}, "
+                      f"got {spec!r}")
+
+
 def _check_weights_file(weights: Path, info: dict[str, Any]) -> None:
-    if not weights.is_file():
+    if weights.is_symlink() or not weights.is_file():
         raise CheckpointError(f"{weights.parent}: missing file {weights.name}")
     size = weights.stat().st_size
     if size != info["bytes"]:

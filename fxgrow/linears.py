@@ -22,6 +22,7 @@ import torch.fx as fx
 from torch import nn
 
 from ._ops import FUNCTIONAL_LINEARS, MATMUL_LINEARS, WEIGHT_TRANSPOSES, get_attr_value
+from .errors import TraceError
 
 _aten = torch.ops.aten
 
@@ -78,7 +79,7 @@ def evaluate_constant(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
         if n in values:
             return values[n]
         if n.op == "placeholder":
-            raise ValueError(f"node {n.name!r} depends on the graph's inputs")
+            raise TraceError(f"node {n.name!r} depends on the graph's inputs")
         args = fx.node.map_arg(n.args, run)
         kwargs = fx.node.map_arg(n.kwargs, run)
         if n.op == "get_attr":
@@ -91,7 +92,7 @@ def evaluate_constant(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
         elif n.op == "call_module":
             value = gm.get_submodule(n.target)(*args, **kwargs)
         else:
-            raise ValueError(f"cannot evaluate node {n.name!r} ({n.op})")
+            raise TraceError(f"cannot evaluate node {n.name!r} ({n.op})")
         values[n] = value
         return value
 

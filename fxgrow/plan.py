@@ -98,6 +98,9 @@ class GrowthPlan(Mapping[str, tuple[int, ...]]):
                             f"got {type(neurons).__name__}")
         parsed = {_target(t): _indices(t, v) for t, v in neurons.items()}
         self._neurons = {t: parsed[t] for t in sorted(parsed, key=_natural_key)}
+        if out_features is not None and not isinstance(out_features, Mapping):
+            raise PlanError(f"out_features must be a mapping target -> width, got "
+                            f"{type(out_features).__name__}")
         widths: dict[str, int] = {}
         for target, width in (out_features or {}).items():
             if target not in self._neurons:

@@ -7,7 +7,7 @@ import numbers
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Literal
 
-from .errors import AnalysisError
+from .errors import PlanError
 from .plan import GrowthPlan
 
 if TYPE_CHECKING:
@@ -17,9 +17,30 @@ if TYPE_CHECKING:
 def _count(name: str, value: object, *, allow_zero: bool = True) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0 \
             or (value == 0 and not allow_zero):
-        raise AnalysisError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} "
+        raise PlanError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} "
                             f"integer, got {value!r}")
     return int(value)
+
+
+def why_nothing_selected(
+    report: SplittingReport, *, layer_threshold: int = 60, targets: Iterable[str] | None = None
+) -> str:
+    """Why :func:`select` returns an empty plan for ``report``: every eigenvalue exactly zero
+    (no loss gradient reaches the analysed layers, as with a zero-initialised classifier
+    head), no negative eigenvalue, or no layer with ``layer_threshold`` eligible neurons."""
+    chosen = report.targets if targets is None else [t for t in report.targets
+                                                     if t in set(targets)]
+    values = {t: report.eigenvalues[t] for t in chosen}
+    if values and all(not bool(v.any()) for v in values.values()):
+        return ("every splitting eigenvalue is exactly 0: no loss gradient reaches the analysed "
+                "layers (a zero-initialised classifier head, as torchvision's ViT and timm's "
+                "Hiera have, blocks it until the head has trained)")
+    negative = {t: int((v < 0).sum()) for t, v in values.items()}
+    if not any(negative.values()):
+        return "no neuron has a negative splitting eigenvalue: splitting would not lower the loss"
+    best = max(negative, key=negative.get)
+    return (f"no layer has layer_threshold={layer_threshold} neurons with a negative eigenvalue "
+            f"(most: {negative[best]} in {best!r})")
 
 
 def select(
@@ -46,13 +67,13 @@ def select(
        pair). Selection stops at the first neuron whose cost exceeds what is left, so the
        ranking is never jumped to fit cheaper neurons in.
 
-    Returns a :class:`~fxgrow.plan.GrowthPlan` (empty when nothing qualifies) that records
-    each target's width.
+    Returns a :class:`~fxgrow.plan.GrowthPlan` (empty when nothing qualifies, see
+    :func:`why_nothing_selected`) that records each target's width.
     """
     budget = _count("budget", budget)
     layer_threshold = _count("layer_threshold", layer_threshold)
     if budget_unit not in ("neurons", "params"):
-        raise AnalysisError(f"budget_unit must be 'neurons' or 'params', got {budget_unit!r}")
+        raise PlanError(f"budget_unit must be 'neurons' or 'params', got {budget_unit!r}")
     order = report.targets
     if targets is None:
         chosen = order
@@ -60,7 +81,7 @@ def select(
         wanted = [targets] if isinstance(targets, str) else list(targets)
         unknown = [t for t in wanted if t not in report.eigenvalues]
         if unknown:
-            raise AnalysisError(f"targets not in the report: {unknown}")
+            raise PlanError(f"targets not in the report: {unknown}")
         chosen = [t for t in order if t in set(wanted)]
     limits: dict[str, float] = {}
     for t in chosen:
@@ -74,7 +95,7 @@ def select(
     if isinstance(per_target_limit, Mapping):
         stray = [t for t in per_target_limit if t not in report.eigenvalues]
         if stray:
-            raise AnalysisError(f"per_target_limit names targets not in the report: {stray}")
+            raise PlanError(f"per_target_limit names targets not in the report: {stray}")
 
     candidates: list[tuple[float, int, int, str]] = []
     for rank, t in enumerate(chosen):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import json
 import sys
@@ -169,6 +170,7 @@ def trace(
     leaf_modules: Iterable[type[nn.Module]] = (),
     autowrap_functions: Iterable[Callable] = (),
     base: dict[str, Any] | None = None,
+    example_inputs: Any = None,
 ) -> fx.GraphModule:
     """Trace ``model`` into a GraphModule that shares its parameters.
 
@@ -191,10 +193,15 @@ def trace(
 
     Raises:
         TraceError: naming the module being traced and the construct that failed (for
-            ``"auto"``, both frontends' failures), or an unknown method.
+            ``"auto"``, both frontends' failures), or an unknown method; or the traced
+            graph failing or computing other values than the eager model on
+            ``example_inputs`` (a tensor or a tuple), or, when none are given, on an image
+            batch of the size the model declares (``patch_embed.img_size`` or timm's
+            ``pretrained_cfg``). Given a GraphModule, returns it; with ``base``, a GraphModule
+            sharing its modules that carries that base.
     """
     if isinstance(model, fx.GraphModule):
-        return model
+        return model if base is None else _with_base(model, base)
     if not isinstance(model, nn.Module):
         raise TraceError(f"fxgrow.trace expects an nn.Module, got {type(model).__name__}")
     if method not in _METHODS:
@@ -216,6 +223,8 @@ def trace(
     record = gm.meta.pop(_TRACE_KEY, None) or _symbolic_record(
         concrete_args, leaf_modules, autowrap_functions)
     recipes.set_base(gm, _base_spec(model, base, record))
+    if not isinstance(example_inputs, Mapping):  # keyword inputs: export checked them itself
+        _compare_with_eager(model, gm, example_inputs)
     return gm
 
 
@@ -419,3 +428,80 @@ def trace_recorded(model: nn.Module, record: Mapping[str, Any]) -> fx.GraphModul
                              f"module first")
         functions.append(fn)
     return _trace_symbolic(model, concrete, leaves, functions)
+
+
+def _with_base(gm: fx.GraphModule, base: dict[str, Any]) -> fx.GraphModule:
+    current = recipes.recipe(gm)["base"]
+    if current is not None and current != base:
+        raise TraceError(f"this GraphModule already has the base spec {current!r}; "
+                         f"refusing to replace it by {base!r}")
+    result = fx.GraphModule(gm, gm.graph, class_name=type(gm).__name__)
+    result.meta.update(copy.deepcopy({k: v for k, v in gm.meta.items()
+                                      if k == recipes.META_KEY}))
+    result.training = gm.training
+    recipes.set_base(result, base)
+    return result
+
+
+def _declared_input(model: nn.Module) -> torch.Tensor | None:
+    """One image of the size ``model`` declares, or None when it declares none."""
+    size, channels = None, 3
+    patch_embed = getattr(model, "patch_embed", None)
+    if patch_embed is not None and getattr(patch_embed, "img_size", None) is not None:
+        size = patch_embed.img_size
+        proj = getattr(patch_embed, "proj", None)
+        channels = getattr(proj, "in_channels", channels)
+    else:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        if isinstance(cfg, dict) and len(cfg.get("input_size") or ()) == 3:
+            channels, *size = cfg["input_size"]
+    if size is None:
+        return None
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return torch.randn(1, channels, h, w, generator=torch.Generator().manual_seed(0))
+
+
+def _compare_with_eager(model: nn.Module, gm: fx.GraphModule, example_inputs: Any) -> None:
+    given = example_inputs is not None
+    inputs = example_inputs if given else _declared_input(model)
+    if inputs is None:
+        return
+    args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    # In the model's own mode (a graph traced in training mode keeps its dropout active in
+    # eval), both runs on the same random stream; buffers a training step updates in place
+    # (BatchNorm's running statistics) are put back afterwards.
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        with _preserved(model), torch.no_grad(), torch.random.fork_rng():
+            torch.manual_seed(0)
+            try:
+                eager = model(*args)
+            except Exception as exc:
+                if not given:
+                    return  # the declared size was only a guess at an input
+                raise TraceError(f"the eager {type(model).__name__} fails on the example "
+                                 f"input: {type(exc).__name__}: {exc}") from exc
+            torch.manual_seed(0)
+            try:
+                traced = gm(*args)
+            except Exception as exc:
+                raise TraceError(
+                    f"the traced {type(model).__name__} fails where the eager model runs "
+                    f"(something was baked in at trace time?): {type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0] if str(exc) else ''}\n{_HINT}") from exc
+    finally:
+        for buffer, saved in buffers:
+            buffer.copy_(saved)
+    eager_leaves, traced_leaves = _tensors(eager), _tensors(traced)
+    same = len(eager_leaves) == len(traced_leaves) and all(
+        a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5, equal_nan=True)
+        for a, b in zip(eager_leaves, traced_leaves))
+    if not same:
+        raise TraceError(f"the traced {type(model).__name__} computes other values than the "
+                         f"eager model on the example input\n{_HINT}")
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    from torch.utils._pytree import tree_flatten
+
+    return [v.float() for v in tree_flatten(value)[0] if isinstance(v, torch.Tensor)]

@@ -373,3 +373,27 @@ def test_fast_solves_group_equal_sizes_in_bounded_runs(monkeypatch):
     groups = [[p.target for p in g] for g in module._groups(problems)]
     # Equal sizes and dtypes share a run, in order, up to the bound; "e" alone exceeds it.
     assert groups == [["a", "c"], ["b"], ["d"], ["e"], ["f"]]
+
+
+def test_a_linear_feeding_an_in_place_activation_is_analysed():
+    # The recording copy's linear must not hand a view made inside an autograd.Function to
+    # nn.ReLU(inplace=True) (torchvision's Swin V2 cpb_mlp has this pattern).
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(inplace=True), nn.Linear(8, 3))
+    gm = fxgrow.trace(model)
+    x, y = torch.randn(2, 5, 6), torch.randint(0, 3, (2, 5))
+
+    def loss(out, labels):
+        return F.cross_entropy(out.reshape(-1, 3), labels.reshape(-1))
+
+    # reference: the same weights with an out-of-place ReLU
+    plain = fxgrow.trace(nn.Sequential(model[0], nn.ReLU(), model[2]))
+    for method in ("fast", "exact"):
+        report = analyze(gm, [(x, y)], loss, method=method, progress=False)
+        reference = analyze(plain, [(x, y)], loss, method=method, progress=False)
+        assert "0" in report.eigenvalues and report.eigenvalues["0"].shape == (8,)
+        assert report.eigenvalues.keys() == reference.eigenvalues.keys()
+        for target, values in reference.eigenvalues.items():
+            torch.testing.assert_close(report.eigenvalues[target], values)

@@ -41,8 +41,8 @@ def test_unknown_model_exits_2_and_writes_nothing(tmp_path):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--interval", "0"], "interval must be at least 1"),
-    (["--budget", "-3"], "budget_per_round must be positive"),
+    (["--interval", "0"], "--interval must be an integer >= 1, got 0"),
+    (["--budget", "-3"], "--budget must be an integer >= 1, got -3"),
     (["--end-epoch", "7"], "after the last epoch"),
     (["--data", "{missing}"], "does not exist"),
     (["--data", "{empty}"], "no class sub-directories"),

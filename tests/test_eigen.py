@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from fxgrow.errors import AnalysisError
 from fxgrow.passes.analysis.eigen import (
     exact_smallest,
     lanczos_smallest,
@@ -207,8 +208,8 @@ def test_lanczos_from_a_start_and_its_product():
     )
     reference = torch.linalg.eigvalsh(dense)[:, 0]
     torch.testing.assert_close(result.values, reference, rtol=1e-10, atol=0)
-    with pytest.raises(ValueError, match="start_product needs"):
+    with pytest.raises(AnalysisError, match="start_product needs"):
         lanczos_smallest(splitting_matvec(x, h, 0.7), 25, 40, start_product=product)
-    with pytest.raises(ValueError, match="start_product must have shape"):
+    with pytest.raises(AnalysisError, match="start_product must have shape"):
         lanczos_smallest(splitting_matvec(x, h, 0.7), 25, 40, start=start,
                          start_product=product[:3])

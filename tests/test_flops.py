@@ -338,3 +338,38 @@ def test_count_flops_is_quiet(caplog):
     assert report.unsupported == {"aten::cumprod": 1}  # reported in the result, not logged
     assert [str(w.message) for w in caught] == []
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+class _SelfAttention(nn.Module):
+    def __init__(self, embed: int, heads: int) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(embed, heads, batch_first=True)
+
+    def forward(self, x):
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+def test_multihead_attention_counts_alike_in_train_and_eval():
+    # eval takes the fused aten::_native_multi_head_attention kernel
+    batch, length, embed = 2, 10, 32
+    model = _SelfAttention(embed, 4)
+    x = torch.randn(batch, length, embed)
+    # q, k, v and output projections, QK^T and AV: closed form in multiply-adds
+    expected = batch * (4 * length * embed * embed + 2 * length * length * embed)
+    for mode in ("train", "eval"):
+        getattr(model, mode)()
+        assert count_flops(model, x).total == expected, mode
+        check = cross_check_flops(model, x)
+        assert check.agree and check.fvcore == check.torch == expected, (mode, check)
+
+
+def test_a_disagreeing_cross_check_fails_loudly():
+    from fxgrow.errors import FlopCountError
+
+    # In eval a whole encoder layer runs as one fused kernel that torch's counter sees as 0.
+    layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0).eval()
+    x = torch.randn(2, 10, 32)
+    with pytest.raises(FlopCountError, match="torch.utils.flop_counter"):
+        cross_check_flops(layer, x)
+    check = cross_check_flops(layer, x, strict=False)
+    assert not check.agree and check.fvcore != check.torch

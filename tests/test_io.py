@@ -1,6 +1,7 @@
 """fxgrow.save / fxgrow.load: bitwise round trips, integrity checks, atomic writes."""
 
 import copy
+import errno
 import hashlib
 import json
 import os
@@ -13,9 +14,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import fxgrow
+import fxgrow._fsio as fsio
 import fxgrow.io as fio
 import fxgrow.models
-from fxgrow.errors import CheckpointError
+from fxgrow.errors import CheckpointError, StorageError
 from fxgrow.passes import _rebuild, register_replay
 from fxgrow.passes import replay as replay_module
 from fxgrow.passes import ReduceSpec, reduce
@@ -177,7 +179,7 @@ def test_overwrite_replaces_previous_model(tmp_path):
 
 
 def test_overwrite_without_atomic_exchange(tmp_path, monkeypatch):
-    monkeypatch.setattr(fio, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(fsio, "_exchange", lambda a, b: False)
     path = tmp_path / "model"
     fxgrow.save(_build(VIT), path)
     grown = _grown(VIT, 1, "fused")
@@ -191,13 +193,18 @@ def test_crash_mid_save_keeps_the_previous_model(tmp_path, monkeypatch):
     fxgrow.save(_build(VIT), path)
     good = _snapshot(path)
 
-    def crash(tensors, filename, *args, **kwargs):
-        Path(filename).write_bytes(b"half a safetensors fi")
-        raise OSError("disk full")
+    real_write = fsio.atomic_write
 
-    monkeypatch.setattr(fio, "save_file", crash)
-    with pytest.raises(OSError, match="disk full"):
+    def crash(target, data):
+        if Path(target).name == fio.WEIGHTS_FILE:  # the disk fills up half-way through
+            Path(target).write_bytes(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
+        return real_write(target, data)
+
+    monkeypatch.setattr(fsio, "atomic_write", crash)
+    with pytest.raises(StorageError, match="no space left on the device") as info:
         fxgrow.save(_grown(VIT, 1, "paper"), path)
+    assert info.value.exit_code == 4
     assert _snapshot(path) == good
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
     fxgrow.load(path)

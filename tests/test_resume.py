@@ -10,6 +10,7 @@ import os
 import random
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,53 @@ def test_resume_of_a_run_with_another_model_is_refused(uninterrupted, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "another configuration" in proc.stderr and "depth" in proc.stderr
     assert {p: p.read_bytes() for p in other.rglob("*") if p.is_file()} == before
+
+
+def test_killed_before_its_first_checkpoint_and_before_its_last_logs(uninterrupted, tmp_path):
+    straight, _ = uninterrupted
+    run_dir = tmp_path / "early"
+    proc = _run([*ARGS, "--run-dir", str(run_dir)], "step:3")
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert (run_dir / "config.json").is_file()
+    assert not (run_dir / "checkpoints" / "LATEST").exists()
+    # Resumable although no checkpoint exists: it starts afresh from the stored config. Killed
+    # again right after its last checkpoint (epochs 0, 1, round, 2, 3, round, 4 = the 7th),
+    # before that epoch's metrics line was written.
+    proc = _run(["scale", "--resume", str(run_dir)], "checkpoint_saved:7")
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert len(_jsonl(run_dir / "metrics.jsonl")) == 4
+    proc = _run(["scale", "--resume", str(run_dir)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert _jsonl(run_dir / "metrics.jsonl") == _jsonl(straight / "metrics.jsonl")
+    assert _jsonl(run_dir / "growth.jsonl") == _jsonl(straight / "growth.jsonl")
+    a, b = _final_state(straight), _final_state(run_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_second_writer_is_refused_while_the_first_one_runs(uninterrupted, tmp_path, capsys):
+    from fxgrow.cli import main
+
+    straight, _ = uninterrupted
+    run_dir = tmp_path / "busy"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("FXGROW_FAULT", None)
+    first = subprocess.Popen([FXGROW, *ARGS, "--run-dir", str(run_dir)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lock = run_dir / ".lock"
+    deadline = time.monotonic() + 300
+    while first.poll() is None and time.monotonic() < deadline:
+        if lock.is_file() and lock.read_text().strip() == str(first.pid):
+            break
+        time.sleep(0.02)
+    assert first.poll() is None, "the first writer ended before the second one started"
+    for argv in (["scale", "--resume", str(run_dir)], [*ARGS[:-1], "--run-dir", str(run_dir)]):
+        assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"in use by another fxgrow process (pid {first.pid})" in err
+    assert "already exists" in err
+    _, stderr = first.communicate(timeout=600)
+    assert first.returncode == 0, stderr[-2000:]
+    # the first writer was not disturbed: the same run as an uninterrupted one
+    assert _jsonl(run_dir / "metrics.jsonl") == _jsonl(straight / "metrics.jsonl")
+    a, b = _final_state(straight), _final_state(run_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -119,3 +119,89 @@ def test_a_round_with_no_eligible_layer_grows_nothing():
     (record,) = scaler.records
     assert record["grown"] is False and record["plan_size"] == {}
     assert record["params_after"] == record["params_before"] == count_params(models[0])
+
+
+def test_each_round_is_the_papers_rule_applied_by_hand():
+    """Against independent references: an analysis, selection and growth of a snapshot of the
+    model, done here; the closed-form parameter count 2k(d + 1); outputs compared bitwise;
+    the optimizer's existing state untouched."""
+    import copy
+
+    from fxgrow import GrowthPlan, select
+    from fxgrow.passes import analyze, grow
+
+    schedule = ScalingSchedule(warmup_epochs=2, interval=2, end_epoch=4, epochs=5,
+                               budget_per_round=6, layer_threshold=1, analysis_batches=2)
+    torch.manual_seed(0)
+    gm = fxgrow.models.build("tiny_vit", **KWARGS)
+    optimizer = torch.optim.AdamW(gm.parameters(), lr=1e-2)
+    batches = _data()
+    scaler = Scaler(gm, optimizer, schedule, batches[:2], F.cross_entropy)
+    probe = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(7))
+    rounds = 0
+    for epoch in range(5):
+        for x, y in batches:
+            optimizer.zero_grad()
+            F.cross_entropy(gm(x), y).backward()
+            optimizer.step()
+        snapshot = copy.deepcopy(gm).eval()
+        state = {id(p): {k: v.clone() for k, v in optimizer.state[p].items()}
+                 for p in gm.parameters()}
+        new = scaler.after_epoch(epoch)
+        if new is gm:
+            continue
+        rounds += 1
+        record = scaler.records[-1]
+        report = analyze(snapshot, batches[:2], F.cross_entropy, method="fast", seed=0,
+                         progress=False)
+        plan = select(report, budget=6, layer_threshold=1)
+        assert plan.num_neurons == 6
+        assert GrowthPlan.from_dict(record["plan"]) == plan
+        sites = fxgrow.linear_sites(snapshot)
+        added = sum(2 * len(idx) * (sites[t][0].in_features + int(sites[t][0].has_bias(snapshot)))
+                    for t, idx in plan.items())
+        before = sum(p.numel() for p in snapshot.parameters())
+        assert sum(p.numel() for p in new.parameters()) == before + added
+        assert (record["params_before"], record["params_after"]) == (before, before + added)
+        reference = grow(snapshot, plan)
+        new.eval()
+        with torch.no_grad():
+            assert torch.equal(new(probe), reference(probe))
+            assert torch.equal(new(probe), snapshot(probe))  # function preserved, bit for bit
+            x, y = batches[0]
+            loss = F.cross_entropy(snapshot(x), y)
+        assert float(loss).hex() == record["loss_before_hex"] == record["loss_after_hex"]
+        new.train()
+        for p in gm.parameters():  # the existing parameters keep their optimizer state
+            assert all(torch.equal(optimizer.state[p][k], v) for k, v in state[id(p)].items())
+        created = {n for n, _ in new.named_parameters()} - {n for n, _ in gm.named_parameters()}
+        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        assert created and all(id(new.get_parameter(n)) in held for n in created)
+        gm = new
+    assert rounds == 2
+
+
+def test_a_zero_initialised_head_says_why_nothing_grows():
+    # torchvision's ViT and timm's Hiera zero their classifier head: no loss gradient reaches
+    # the blocks, every splitting eigenvalue is exactly 0 (0 * x is exactly 0 on any CPU).
+    from fxgrow import select, why_nothing_selected
+    from fxgrow.passes import analyze
+
+    torch.manual_seed(0)
+    gm = fxgrow.models.build("tiny_vit", **KWARGS)
+    with torch.no_grad():
+        gm.get_submodule("head").weight.zero_()
+        gm.get_submodule("head").bias.zero_()
+    batches = _data(1)
+    report = analyze(gm, batches, F.cross_entropy, progress=False)
+    assert all(not v.any() for v in report.eigenvalues.values())
+    assert select(report, budget=4, layer_threshold=1).num_neurons == 0
+    assert "exactly 0" in why_nothing_selected(report, layer_threshold=1)
+    assert "exactly 0" in report.summary()
+    schedule = ScalingSchedule(warmup_epochs=1, interval=1, end_epoch=1, epochs=2,
+                               budget_per_round=4, layer_threshold=1, analysis_batches=1)
+    optimizer = torch.optim.SGD(gm.parameters(), lr=0.0)
+    scaler = Scaler(gm, optimizer, schedule, batches, F.cross_entropy)
+    assert scaler.after_epoch(0) is gm
+    (record,) = scaler.records
+    assert record["grown"] is False and "zero-initialised classifier head" in record["why_not_grown"]

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import fxgrow
-from fxgrow.errors import AnalysisError
+from fxgrow.errors import PlanError
 
 
 def _report(values: dict[str, list[float]], fan_in=None, bias=None) -> fxgrow.SplittingReport:
@@ -91,13 +91,13 @@ def test_per_target_limit_and_target_subset():
 
 def test_bad_arguments():
     report = _report({"a": [-1.0]})
-    with pytest.raises(AnalysisError, match="budget"):
+    with pytest.raises(PlanError, match="budget"):
         fxgrow.select(report, budget=-1)
-    with pytest.raises(AnalysisError, match="budget_unit"):
+    with pytest.raises(PlanError, match="budget_unit"):
         fxgrow.select(report, budget=1, budget_unit="flops")
-    with pytest.raises(AnalysisError, match=r"targets not in the report: \['x'\]"):
+    with pytest.raises(PlanError, match=r"targets not in the report: \['x'\]"):
         fxgrow.select(report, budget=1, targets=["x"])
-    with pytest.raises(AnalysisError, match="per_target_limit names"):
+    with pytest.raises(PlanError, match="per_target_limit names"):
         fxgrow.select(report, budget=1, per_target_limit={"x": 1})
-    with pytest.raises(AnalysisError, match="layer_threshold"):
+    with pytest.raises(PlanError, match="layer_threshold"):
         fxgrow.select(report, budget=1, layer_threshold=1.5)

@@ -84,3 +84,50 @@ def test_leaf_module_makes_it_traceable():
 def test_non_module_is_rejected():
     with pytest.raises(TraceError, match="expects an nn.Module"):
         fxgrow.trace(lambda x: x)
+
+
+class _BakesAMask(nn.Module):
+    """Like timm's Hiera: an optional argument whose None is baked into the graph by tracing
+    with it concrete, so the traced graph computes another function."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x, scale=None):
+        out = self.proj(x)
+        return out if scale is None else out * scale
+
+
+def test_trace_compares_the_graph_with_the_eager_model():
+    model = _BakesAMask()
+    x = torch.randn(2, 4)
+    # traced as it is, `scale is None` is decided on a proxy: the graph fails when called
+    with pytest.raises(TraceError, match="fails where the eager model runs"):
+        fxgrow.trace(model, example_inputs=x)
+    gm = fxgrow.trace(model, concrete_args={"scale": None}, example_inputs=x)
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+    with pytest.raises(TraceError, match="eager _BakesAMask fails"):
+        fxgrow.trace(model, concrete_args={"scale": None}, example_inputs=torch.randn(2, 5))
+
+
+def test_concrete_args_and_base_are_kept_in_the_spec(tmp_path):
+    spec = {"source": "timm", "name": "vit_tiny_patch16_224",
+            "kwargs": {"img_size": 16, "patch_size": 8, "depth": 1, "num_classes": 3}}
+    model = timm.create_model(spec["name"], pretrained=False, **spec["kwargs"])
+    concrete = {"attn_mask": None, "is_causal": False}
+    gm = fxgrow.trace(model, base=spec, concrete_args=concrete)
+    assert concrete.items() <= fxgrow.recipe(gm)["base"]["trace"]["concrete_args"].items()
+    fxgrow.save(gm, tmp_path / "m")
+    loaded = fxgrow.load(tmp_path / "m")
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), gm.eval()(x))
+    plain = fxgrow.trace(model)
+    rebased = fxgrow.trace(plain, base=spec)
+    assert fxgrow.recipe(rebased)["base"] == spec and fxgrow.recipe(plain)["base"] is None
+    assert rebased is not plain and dict(rebased.named_parameters()).keys() == \
+        dict(plain.named_parameters()).keys()
+    with pytest.raises(TraceError, match="already has the base spec"):
+        fxgrow.trace(rebased, base={**spec, "name": "other"})

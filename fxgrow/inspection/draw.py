@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import networkx as nx
 import torch.fx as fx
 
-from ..errors import FxgrowError
+from ..errors import InspectionError
 from ..linears import linear_sites
 from ..passes.grow import created_modules
 
@@ -32,11 +32,11 @@ def growth_nodes(gm: fx.GraphModule, target: str) -> tuple[list[fx.Node], list[f
     """
     sites = linear_sites(gm).get(target)
     if not sites:
-        raise FxgrowError(f"{target!r} is not a linear target of this graph")
+        raise InspectionError(f"{target!r} is not a linear target of this graph")
     target_nodes = [site.node for site in sites]
     names = _created_for(gm, target)
     if not names:
-        raise FxgrowError(f"{target!r} has not been grown (no grow record created modules on it)")
+        raise InspectionError(f"{target!r} has not been grown (no grow record created modules on it)")
     graph = _to_networkx(gm)
     seeds = {
         node for node in gm.graph.nodes
@@ -86,7 +86,7 @@ def draw_growth(
     ``path`` is given, also saves it there as a PNG.
 
     Raises:
-        FxgrowError: ``target`` is not a linear of ``gm`` or has not been grown.
+        InspectionError: ``target`` is not a linear of ``gm`` or has not been grown.
     """
     from matplotlib.figure import Figure  # not pyplot: no global figure state, no display
 

@@ -23,6 +23,7 @@ import torch.fx as fx
 from torch import nn
 
 from .._ops import get_attr_value
+from ..errors import FxgrowError, InspectionError
 from ..linears import linear_site
 from ..passes.grow import Created, created_modules
 from ..verify.flops import node_flops
@@ -210,7 +211,16 @@ def summary(gm: fx.GraphModule, inputs: Any) -> Summary:
     restored afterwards; ``gm`` (its graph, node meta, mode and weights) is not changed.
     """
     args = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
-    shapes, arg_shapes = _ShapeRecorder(gm).collect(*args)
+    try:
+        shapes, arg_shapes = _ShapeRecorder(gm).collect(*args)
+    except FxgrowError:
+        raise
+    except Exception as exc:  # the model's own check or kernel: name the input that failed
+        given = ", ".join(f"tensor of shape {tuple(a.shape)}" if isinstance(a, torch.Tensor)
+                          else type(a).__name__ for a in args)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise InspectionError(f"summary: the graph cannot run on ({given}): "
+                              f"{type(exc).__name__}: {first}") from exc
     grown = growth(gm)
     created = {c.name: c for c in created_modules(gm)}
     seen_params: set[int] = set()

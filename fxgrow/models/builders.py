@@ -101,6 +101,9 @@ def _timm(spec: dict[str, Any]) -> fx.GraphModule:
         model = timm.create_model(name, pretrained=False, **kwargs)
     except TypeError as exc:
         raise ModelError(f"timm model {name!r} does not accept kwargs {kwargs}: {exc}") from exc
+    except (AssertionError, ValueError, RuntimeError, ZeroDivisionError) as exc:
+        raise ModelError(f"timm model {name!r} rejects kwargs {kwargs}: "
+                         f"{type(exc).__name__}: {exc}") from exc
     return _trace_with_spec(model, spec)
 
 
@@ -179,7 +182,11 @@ def build(spec_or_name: str | dict[str, Any], **kwargs: Any) -> fx.GraphModule:
         if "fused_attn" not in arguments:
             raise ModelError(f"fxgrow builder {spec['name']!r} has no fused_attn option")
         arguments["fused_attn"] = spec["fused_attn"]
-    return builder(**arguments)
+    try:
+        return builder(**arguments)
+    except (AssertionError, ValueError, RuntimeError, TypeError, ZeroDivisionError) as exc:
+        raise ModelError(f"fxgrow builder {spec['name']!r} rejects {spec['kwargs']}: "
+                         f"{type(exc).__name__}: {exc}") from exc
 
 
 def tiny_vit(

@@ -11,6 +11,7 @@ import torch.fx as fx
 from torch import nn
 
 from .. import recipes
+from ..errors import InternalError
 
 
 def _lookup(root: nn.Module, target: str) -> tuple[nn.Module, str, Any]:
@@ -37,7 +38,7 @@ def _install(
         if getattr(owner, field, None) is value:
             return  # already reachable through a shared module installed earlier
         # Adding to a module shared with the caller's model would mutate that model.
-        raise RuntimeError(f"fxgrow internal error: {target!r} would be added to a shared module")
+        raise InternalError(f"{target!r} would be added to a shared module")
     if isinstance(value, nn.Module):
         owner.add_module(field, value)
     elif isinstance(value, nn.Parameter):

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from ..errors import FxgrowError
+from ..errors import InternalError, WidenError
 
 EXPANSION_KEY = "fxgrow_expansion"
 
@@ -78,7 +78,7 @@ class ParamSource:
         if mask is not None:
             out = out * mask
         if tuple(out.shape) != tuple(self.shape):
-            raise FxgrowError(f"fxgrow internal error: mapped {self.source!r} to shape "
+            raise InternalError(f"mapped {self.source!r} to shape "
                               f"{tuple(out.shape)}, expected {self.shape}")
         out = out.contiguous()
         return out.clone() if out.data_ptr() == old.data_ptr() else out
@@ -89,7 +89,7 @@ def expansion_map(gm: fx.GraphModule) -> dict[str, ParamSource]:
     Parameters shared with the pass's input (the same tensor object) are not listed."""
     stored = getattr(gm, "meta", {}).get(EXPANSION_KEY)
     if stored is None:
-        raise FxgrowError("this GraphModule was not produced by widen or deepen (no expansion map)")
+        raise WidenError("this GraphModule was not produced by widen or deepen (no expansion map)")
     return dict(stored["params"])
 
 

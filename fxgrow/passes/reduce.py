@@ -81,11 +81,29 @@ class ReduceSpec:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise ReduceError(f"{name} must be a float ratio, an int width or None, got {value!r}")
+            if value is not None and not math.isfinite(value):
+                raise ReduceError(f"{name}={value!r}: a ratio or width must be finite")
             if value is not None and value <= 0:
                 raise ReduceError(f"{name}={value!r}: a width must be positive (width 0 is not allowed)")
+        if not isinstance(self.widths, Mapping):
+            raise ReduceError(f"widths must map producer targets to ints, got "
+                              f"{type(self.widths).__name__}")
         for target, width in self.widths.items():
+            if not isinstance(target, str):
+                raise ReduceError(f"widths: target {target!r} is not a string")
             if isinstance(width, bool) or not isinstance(width, int) or width <= 0:
                 raise ReduceError(f"widths[{target!r}]={width!r}: must be a positive int")
+        if self.indices is not None:
+            if not isinstance(self.indices, Mapping):
+                raise ReduceError(f"indices must map producer targets to lists of row indices, "
+                                  f"got {type(self.indices).__name__}")
+            for target, rows in self.indices.items():
+                if not isinstance(target, str) or isinstance(rows, (str, bytes)) \
+                        or not isinstance(rows, Sequence) or not rows or not all(
+                            isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                            for i in rows):
+                    raise ReduceError(f"indices[{target!r}] must be a non-empty list of "
+                                      f"non-negative ints, got {rows!r}")
         if self.keep not in ("norm", "first"):
             raise ReduceError(f"keep must be 'norm' or 'first', got {self.keep!r}")
         if self.scale not in ("follow", "keep"):
@@ -112,9 +130,15 @@ def _new_sizes(group: WidthGroup, request: float | int, what: str) -> list[int]:
         sizes = []
         for size in group.segment_sizes:
             exact = size * request
+            if not math.isfinite(exact) or exact > size:
+                raise ReduceError(f"{what}: ratio {request} would widen the group of "
+                                  f"{group.producers[0]!r}; reduce only narrows")
             if abs(exact - round(exact)) > 1e-9 * max(1, size):
                 raise ReduceError(f"{what}: ratio {request} does not divide width {size} of the "
                                   f"group of {group.producers[0]!r} ({size} * {request} = {exact})")
+            if round(exact) < 1:
+                raise ReduceError(f"{what}: ratio {request} leaves no channel of width {size} "
+                                  f"of the group of {group.producers[0]!r} (width 0)")
             if round(exact) > size:
                 raise ReduceError(f"{what}: ratio {request} would widen the group of "
                                   f"{group.producers[0]!r}; reduce only narrows")

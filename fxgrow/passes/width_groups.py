@@ -60,6 +60,7 @@ from .._ops import (
     is_matmul,
 )
 from ..errors import ReduceError
+from ..errors import ShapeQueryNeedsValues as _NeedsRealValues  # the meta run stops
 from ..linears import ancestors, linear_site
 from ..tracing import examples_from_record
 
@@ -155,10 +156,6 @@ class WidthAnalysis:
     consumers: list[_Consumer]
     logits: dict[str, str]  # matmul/sdpa node name -> its contracted q operand's node name
     group_of_node: dict[str, int]
-
-
-class _NeedsRealValues(Exception):
-    """A label op needs a computed tensor's values: the run on the meta device stops."""
 
 
 class _Labeller(fx.Interpreter):

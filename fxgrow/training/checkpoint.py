@@ -25,9 +25,11 @@ calls :func:`save` through :func:`fxgrow.training.distributed.on_main`) and ever
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
+import re
 import shutil
 import signal
 from dataclasses import dataclass
@@ -38,11 +40,15 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from .. import _fsio
 from ..errors import CheckpointError, FxgrowError
 
 FORMAT_VERSION = 1
 _DIR = "checkpoints"
 _LATEST = "LATEST"
+_NAME = re.compile(r"ckpt-(\d{6})")
+_STATE_KEYS = ("epoch", "stage", "optimizer", "optimizer_groups", "scheduler", "scaler", "rng",
+               "metrics")
 _fault_counts: dict[str, int] = {}
 
 
@@ -82,24 +88,8 @@ def restore_rng(state: dict[str, Any]) -> None:
     random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
 
 
-def _fsync_tree(path: Path) -> None:
-    for item in sorted(path.rglob("*")):
-        if item.is_file():
-            with open(item, "rb") as handle:
-                os.fsync(handle.fileno())
-    for directory in [path, *sorted(p for p in path.rglob("*") if p.is_dir())]:
-        _fsync_dir(directory)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _config_diff(saved: dict[str, Any], expected: dict[str, Any]) -> list[str]:
+def config_diff(saved: dict[str, Any], expected: dict[str, Any]) -> list[str]:
+    """One line per top-level key on which two run configurations differ."""
     keys = sorted(set(saved) | set(expected))
     return [f"{k}: {saved.get(k)!r} (checkpoint) != {expected.get(k)!r}" for k in keys
             if saved.get(k) != expected.get(k)]
@@ -135,10 +125,14 @@ def latest(run_dir: str | os.PathLike) -> Path | None:
     pointer = Path(run_dir) / _DIR / _LATEST
     if not pointer.is_file():
         return None
-    name = pointer.read_text().strip()
+    try:
+        name = pointer.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{pointer} is unreadable: {exc}") from exc
     path = pointer.parent / name
-    if not name.startswith("ckpt-") or not path.is_dir():
-        raise CheckpointError(f"{pointer} names {name!r}, which is not a checkpoint directory")
+    if not _NAME.fullmatch(name) or path.is_symlink() or not path.is_dir():
+        raise CheckpointError(f"{pointer} names {name!r}, which is not a checkpoint directory "
+                              f"of this run (expected ckpt-NNNNNN next to it)")
     return path
 
 
@@ -158,11 +152,23 @@ def save(
 ) -> Path:
     """Write a checkpoint atomically and make it the latest; keep the newest ``keep``.
     ``rng_ranks``: every rank's :func:`capture_rng` in a distributed run (rank 0's is also
-    saved as ``rng``, which a single process restores)."""
+    saved as ``rng``, which a single process restores).
+
+    Raises:
+        StorageError: the disk is full or read-only (the previous checkpoint stays latest).
+    """
+    root = Path(run_dir) / _DIR
+    with _fsio.storage_errors(f"writing a checkpoint into {root}"):
+        return _save(root, run_dir, model, optimizer, scheduler, scaler, epoch, stage, metrics,
+                     config, keep, rng_ranks)
+
+
+def _save(root: Path, run_dir: Any, model: fx.GraphModule, optimizer: torch.optim.Optimizer,
+          scheduler: Any, scaler: Any, epoch: int, stage: str, metrics: list[dict[str, Any]],
+          config: dict[str, Any], keep: int, rng_ranks: list[dict[str, Any]] | None) -> Path:
     from ..io import save as save_model
     from .optim import group_param_names
 
-    root = Path(run_dir) / _DIR
     root.mkdir(parents=True, exist_ok=True)
     current = latest(run_dir)
     seq = int(current.name.split("-")[1]) + 1 if current is not None else 0
@@ -186,25 +192,33 @@ def save(
     }
     if rng_ranks is not None:
         state["rng_ranks"] = rng_ranks
-    torch.save(state, tmp / "state.pt")
+    # Serialised in memory, written by Python: a full disk then names itself (torch.save's
+    # own writer reports "basic_ios::clear: iostream error").
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    _fsio.atomic_write(tmp / "state.pt", buffer.getvalue())
     meta = {"format": FORMAT_VERSION, "epoch": epoch, "stage": stage, "config": config}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
-    _fsync_tree(tmp)
+    _fsio.atomic_write(tmp / "meta.json", json.dumps(meta, indent=1, sort_keys=True))
+    _fsio.fsync_tree(tmp)
     final = root / name
     if final.exists():  # complete but never made latest: the run was killed right here
         shutil.rmtree(final)
     os.replace(tmp, final)
-    pointer_tmp = root / f".{_LATEST}.tmp-{os.getpid()}"
-    with open(pointer_tmp, "w") as handle:
-        handle.write(name)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(pointer_tmp, root / _LATEST)
-    _fsync_dir(root)
+    _fsio.atomic_write(root / _LATEST, name)
     old = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("ckpt-"))
     for stale in old[:-keep]:
         shutil.rmtree(stale)
     return final
+
+
+def remove_temporaries(run_dir: str | os.PathLike) -> None:
+    """Delete what a killed writer left half-done (call with the run directory locked)."""
+    root = Path(run_dir) / _DIR
+    for stale in [*root.glob(".tmp-*"), *root.glob(f".{_LATEST}.tmp-*")]:
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
 
 def load(run_dir: str | os.PathLike, config: dict[str, Any]) -> Checkpoint:
@@ -220,15 +234,17 @@ def load(run_dir: str | os.PathLike, config: dict[str, Any]) -> Checkpoint:
     path = latest(run_dir)
     if path is None:
         raise CheckpointError(f"{run_dir} holds no complete checkpoint to resume from")
-    for stale in (Path(run_dir) / _DIR).glob(".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    remove_temporaries(run_dir)
     try:
-        meta = json.loads((path / "meta.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}/meta.json is unreadable: {exc}") from exc
-    if meta.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: unknown checkpoint format {meta.get('format')!r}")
-    diff = _config_diff(meta["config"], config)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"{path}: unknown checkpoint format {found!r}")
+    if not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{path}/meta.json lacks the run configuration ('config')")
+    diff = config_diff(meta["config"], config)
     if diff:
         raise CheckpointError(
             f"{path} was written by another run configuration:\n  " + "\n  ".join(diff)
@@ -237,6 +253,12 @@ def load(run_dir: str | os.PathLike, config: dict[str, Any]) -> Checkpoint:
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(f"{path}/state.pt is unreadable: {exc}") from exc
+    missing = [k for k in _STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path}/state.pt lacks {', '.join(missing)}")
+    if not isinstance(state["epoch"], int) or state["stage"] not in ("epoch", "grown"):
+        raise CheckpointError(f"{path}/state.pt: epoch {state['epoch']!r} / stage "
+                              f"{state['stage']!r} are not a checkpoint's")
     model = load_model(path / "model")
     expected_base = config.get("base")
     base = (model.meta.get("fxgrow") or {}).get("base")

@@ -32,18 +32,12 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .. import errors
-from ..errors import DataError, FxgrowError
+from ..errors import ConfigError, DataError, DistributedError, FxgrowError
 
 T = TypeVar("T")
 
 #: Seconds a collective waits for the other ranks before failing (torch's default is 30 min).
 DEFAULT_TIMEOUT = 600.0
-
-
-class DistributedError(FxgrowError):
-    """Ranks disagree (plan, parameters) or a collective failed or timed out."""
-
-    exit_code = 3  # the command line's exit status for it
 
 
 def is_distributed() -> bool:
@@ -80,12 +74,12 @@ def init_from_env(backend: str | None = None, timeout: float = DEFAULT_TIMEOUT) 
     if not launched_by_torchrun() or dist.is_initialized():
         return False
     if not timeout > 0:
-        raise FxgrowError(f"the distributed timeout must be positive, got {timeout}")
+        raise ConfigError(f"the distributed timeout must be positive, got {timeout}")
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         if not torch.cuda.is_available():
-            raise FxgrowError("the nccl backend needs CUDA GPUs; use --backend gloo on the CPU")
+            raise ConfigError("the nccl backend needs CUDA GPUs; use --backend gloo on the CPU")
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend, init_method="env://",
                             timeout=timedelta(seconds=timeout))
@@ -229,13 +223,26 @@ def wrap(model: nn.Module, previous: nn.Module | None = None, **ddp_kwargs: Any)
 
     if previous is not None:
         if isinstance(previous, DDP):
-            previous._remove_autograd_hooks()
+            _detach_ddp(previous)
         check_same(model, "grown model's parameters")
     ids = [device().index] if device().type == "cuda" else None
     return _collective(
         "wrapping the model in DistributedDataParallel",
         lambda: DDP(model, device_ids=ids, init_sync=previous is None, **ddp_kwargs),
     )
+
+
+def _detach_ddp(wrapper: nn.Module) -> None:
+    """Remove a DDP wrapper's gradient hooks from the parameters it shares with the grown
+    model. torch offers no public call for it: this is the one place that uses the private
+    ``_remove_autograd_hooks`` (present since torch 2.0), so a torch upgrade breaks here
+    loudly rather than leaving a second wrapper's all-reduce on every gradient."""
+    remove = getattr(wrapper, "_remove_autograd_hooks", None)
+    if remove is None:
+        raise errors.InternalError(
+            f"torch {torch.__version__}: DistributedDataParallel has no _remove_autograd_hooks; "
+            f"fxgrow cannot rewrap a grown model under this torch")
+    remove()
 
 
 def on_main(fn: Callable[[], T], what: str) -> T | None:
@@ -259,7 +266,7 @@ def on_main(fn: Callable[[], T], what: str) -> T | None:
         raise error
     if box[0] is not None:
         name, message = box[0]
-        cls = getattr(errors, name, None) or globals().get(name)
+        cls = getattr(errors, name, None)
         if isinstance(cls, type) and issubclass(cls, FxgrowError):
             raise cls(message)
         raise DistributedError(f"rank 0 failed while {what}: {name}: {message}")

@@ -29,7 +29,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..errors import FxgrowError
+from ..errors import OptimizerError
 from .optim import param_names
 
 _MAPPED = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
@@ -50,7 +50,7 @@ def expand_optimizer(
     parameter of ``new_model`` ends in exactly one group.
 
     Raises:
-        FxgrowError: a new parameter with no source in the map and not shared with the old
+        OptimizerError: a new parameter with no source in the map and not shared with the old
             model, a source the old optimizer does not hold, or optimizer state the map
             does not know how to expand.
     """
@@ -77,10 +77,10 @@ def expand_optimizer(
             continue
         source = mapping.get(name)
         if source is None:
-            raise FxgrowError(f"new parameter {name!r} has no source in the expansion map")
+            raise OptimizerError(f"new parameter {name!r} has no source in the expansion map")
         origin = old_by_name.get(source.group_of) if source.group_of is not None else None
         if origin is None or id(origin) not in group_of:
-            raise FxgrowError(f"new parameter {name!r}: its source {source.group_of!r} is not a "
+            raise OptimizerError(f"new parameter {name!r}: its source {source.group_of!r} is not a "
                               f"parameter the optimizer holds")
         new_groups[group_of[id(origin)]].append(param)
         if carry_state and source.source is not None and optimizer.state.get(origin):
@@ -106,7 +106,7 @@ def _mapped_state(entry: Mapping[str, Any], source: Any, name: str) -> dict[str,
         elif key in _MAPPED and isinstance(value, torch.Tensor):
             out[key] = source.apply(value)
         else:
-            raise FxgrowError(f"optimizer state {key!r} of {name!r}: expand_optimizer knows "
+            raise OptimizerError(f"optimizer state {key!r} of {name!r}: expand_optimizer knows "
                               f"how to expand {_MAPPED} and 'step' only; use carry_state=False")
     return out
 

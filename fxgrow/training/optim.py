@@ -33,7 +33,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..errors import FxgrowError
+from ..errors import ConfigError, OptimizerError
 from ..linears import linear_sites
 
 #: d(new neuron's output)/d(parent output) at growth: 1 + GeLU'(0).
@@ -55,7 +55,7 @@ def group_param_names(optimizer: torch.optim.Optimizer, model: nn.Module) -> lis
     for index, group in enumerate(optimizer.param_groups):
         missing = [i for i, p in enumerate(group["params"]) if id(p) not in names]
         if missing:
-            raise FxgrowError(
+            raise OptimizerError(
                 f"optimizer param group {index} holds parameters (positions {missing}) that "
                 f"are not parameters of the model"
             )
@@ -70,12 +70,12 @@ def set_group_params(
     per group, as :func:`group_param_names` returns), before ``optimizer.load_state_dict``."""
     params = dict(model.named_parameters(remove_duplicate=True))
     if len(names) != len(optimizer.param_groups):
-        raise FxgrowError(
+        raise OptimizerError(
             f"saved optimizer has {len(names)} param groups, this one {len(optimizer.param_groups)}"
         )
     unknown = [n for group in names for n in group if n not in params]
     if unknown:
-        raise FxgrowError(f"saved optimizer names parameters the model lacks: {unknown[:5]}")
+        raise OptimizerError(f"saved optimizer names parameters the model lacks: {unknown[:5]}")
     for group, group_names in zip(optimizer.param_groups, names):
         group["params"] = [params[n] for n in group_names]
 
@@ -91,7 +91,7 @@ def _parent_params(gm: fx.GraphModule, target: str) -> tuple[nn.Parameter, list[
     """The parent linear's weight and the parameters its bias is made of."""
     sites = linear_sites(gm).get(target)
     if not sites:
-        raise FxgrowError(f"growth parent {target!r} is not a linear of the grown model")
+        raise OptimizerError(f"growth parent {target!r} is not a linear of the grown model")
     site = sites[0]
     if site.kind == "module":
         bias = gm.get_submodule(target).bias
@@ -128,7 +128,7 @@ def _copy_parent_state(
             factor = GRADIENT_RATIO if key in _FIRST_MOMENTS else GRADIENT_RATIO**2
             copied[key] = (value.index_select(0, rows) * factor).reshape(new.shape).clone()
         else:
-            raise FxgrowError(
+            raise OptimizerError(
                 f"init_state='parent' does not know how to copy optimizer state {key!r} of "
                 f"{type(optimizer).__name__}; use init_state='fresh'"
             )
@@ -150,11 +150,11 @@ def add_grown_params(
     every round is correct. Returns the names added, in the model's parameter order.
 
     Raises:
-        FxgrowError: a parent that is not a linear of ``model``, a parent parameter that no
+        OptimizerError: a parent that is not a linear of ``model``, a parent parameter that no
             param group holds, an unknown ``init_state``.
     """
     if init_state not in ("fresh", "parent"):
-        raise FxgrowError(f"init_state must be 'fresh' or 'parent', got {init_state!r}")
+        raise ConfigError(f"init_state must be 'fresh' or 'parent', got {init_state!r}")
     if lineage is None:
         from ..passes import grow_lineage
 
@@ -171,7 +171,7 @@ def add_grown_params(
             bias_groups = [held[id(b)] for b in biases if id(b) in held]
             parent_group = bias_groups[0] if bias_groups else parent_group
         if parent_group is None:
-            raise FxgrowError(
+            raise OptimizerError(
                 f"the parent {parent_target!r} of new parameter {name!r} is in no param group "
                 f"of the optimizer"
             )

@@ -16,61 +16,96 @@ hold exactly the epochs of the checkpoint the run continued from, plus the new o
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError
+from .. import _fsio
+from ..errors import CheckpointError, RunLockedError
 
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+LOCK_FILE = ".lock"
 
 
 class RunDir:
     """A run directory. A new run refuses a path that exists (nothing is overwritten); a
-    resumed run needs one holding ``config.json``."""
+    resumed run needs one holding ``config.json``.
+
+    One writer at a time: :meth:`create` and :meth:`lock` take an exclusive ``flock`` on
+    ``RUN_DIR/.lock``, held until :meth:`unlock` or the process ends. The kernel releases it
+    when its holder exits in any way, SIGKILL included, so a lock is never stale.
+    """
 
     def __init__(self, path: str | os.PathLike, *, resume: bool = False) -> None:
         self.path = Path(path)
+        self._lock_fd: int | None = None
         if resume:
             if not (self.path / "config.json").is_file():
                 raise CheckpointError(f"cannot resume: {str(self.path)!r} is not a run directory "
                                       f"(no config.json)")
-        elif self.path.exists():
+        elif self.path.exists() or self.path.is_symlink():
             raise CheckpointError(
                 f"run directory {str(self.path)!r} already exists; pass --resume to continue it "
                 f"or choose another directory (nothing was written)"
             )
 
     def create(self, config: dict[str, Any]) -> None:
-        self.path.mkdir(parents=True)
-        (self.path / "plots").mkdir()
-        _atomic_write(self.path / "config.json", json.dumps(config, indent=1, sort_keys=True))
+        """Make the directory with its ``config.json`` in one rename (a run killed while
+        creating it leaves either nothing or a directory that resumes), locked."""
+        with _fsio.storage_errors(f"creating the run directory {self.path}"):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = _fsio.make_temp_dir(self.path.parent, f".{self.path.name}.tmp-")
+            try:
+                (tmp / "plots").mkdir()
+                _fsio.atomic_write(tmp / "config.json", json.dumps(config, indent=1,
+                                                                   sort_keys=True))
+                self._lock_fd = _take_lock(tmp / LOCK_FILE, self.path)
+                try:
+                    os.rename(tmp, self.path)  # fails if a concurrent run created it first
+                except OSError:
+                    self.unlock()
+                    if self.path.exists():
+                        raise CheckpointError(
+                            f"run directory {str(self.path)!r} was created by another process "
+                            f"meanwhile (nothing was written)") from None
+                    raise
+                _fsio.fsync_path(self.path.parent)
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
+
+    def lock(self) -> None:
+        """Take the writer's lock of an existing run directory.
+
+        Raises:
+            RunLockedError: another live process holds it.
+        """
+        if self._lock_fd is None:
+            with _fsio.storage_errors(f"locking the run directory {self.path}"):
+                self._lock_fd = _take_lock(self.path / LOCK_FILE, self.path)
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
 
     def config(self) -> dict[str, Any]:
         try:
-            return json.loads((self.path / "config.json").read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+            config = json.loads((self.path / "config.json").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CheckpointError(f"{self.path}/config.json is unreadable: {exc}") from exc
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{self.path}/config.json is not a run configuration")
+        return config
 
     def write_metrics(self, metrics: list[dict[str, Any]]) -> None:
-        _atomic_write(self.path / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
+        _fsio.atomic_write(self.path / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
 
     def write_growth(self, records: list[dict[str, Any]]) -> None:
-        _atomic_write(self.path / "growth.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-
-    def read_jsonl(self, name: str) -> list[dict[str, Any]]:
-        path = self.path / name
-        if not path.is_file():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line]
+        _fsio.atomic_write(self.path / "growth.jsonl", "".join(json.dumps(r) + "\n" for r in records))
 
     def plot_metrics(self, metrics: list[dict[str, Any]], growth_epochs: list[int]) -> Path:
         """Accuracy, parameters and FLOPs over epochs, growth rounds marked."""
@@ -110,9 +145,28 @@ class RunDir:
         return out
 
 
+def _take_lock(path: Path, run: Path) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = ""
+        with contextlib.suppress(OSError):
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        os.close(fd)
+        raise RunLockedError(
+            f"run directory {str(run)!r} is in use by another fxgrow process (pid "
+            f"{holder or 'unknown'}); wait for it to finish or stop it first (nothing was "
+            f"written)") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode("ascii"), 0)
+    return fd
+
+
 def summary_table(metrics: list[dict[str, Any]], records: list[dict[str, Any]]) -> str:
     """The table printed at the end of a run: per epoch, with growth rounds marked."""
     grown = {r["epoch"]: r for r in records if r.get("grown")}
+    skipped = {r["epoch"]: r["why_not_grown"] for r in records if r.get("why_not_grown")}
     lines = [f"{'epoch':>5} {'loss':>8} {'val loss':>8} {'top-1':>7} {'top-5':>7} "
              f"{'params':>10} {'MFLOPs':>9} {'lr':>9}  growth"]
     for m in metrics:
@@ -121,6 +175,8 @@ def summary_table(metrics: list[dict[str, Any]], records: list[dict[str, Any]]) 
             r = grown[m["epoch"]]
             note = (f"+{r['params_after'] - r['params_before']} params, "
                     f"loss equal: {r['loss_equal']}")
+        elif m["epoch"] in skipped:
+            note = f"no growth: {skipped[m['epoch']]}"
         lines.append(
             f"{m['epoch'] + 1:>5} {m['train_loss']:>8.4f} {m['val_loss']:>8.4f} "
             f"{m['top1']:>7.2f} {m['top5']:>7.2f} {m['params']:>10,} {m['flops'] / 1e6:>9.2f} "

@@ -121,10 +121,20 @@ class ScalingSchedule:
                               ("init_state", ("fresh", "parent"))):
             if getattr(self, name) not in allowed:
                 raise ScheduleError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if not self.scale > 0:
-            raise ScheduleError(f"growth scale must be positive, got {self.scale}")
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) \
+                or not math.isfinite(self.scale) or not self.scale > 0:
+            raise ScheduleError(f"growth scale must be a positive finite number, got {self.scale!r}")
+        for name in ("reservoir", "epochs"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ScheduleError(f"{name} must be an integer, got {value!r}")
         if self.reservoir is not None and self.reservoir <= 0:
             raise ScheduleError(f"reservoir must be positive, got {self.reservoir}")
+        if self.targets is not None and (
+                isinstance(self.targets, str) or not isinstance(self.targets, (list, tuple))
+                or not self.targets or not all(isinstance(t, str) and t for t in self.targets)):
+            raise ScheduleError(f"targets must be a non-empty list of linear target names, "
+                                f"got {self.targets!r}")
         if self.epochs is not None:
             if self.epochs <= 0:
                 raise ScheduleError(f"epochs must be positive, got {self.epochs}")
@@ -301,7 +311,11 @@ class Scaler:
         record["plan"] = plan.to_dict()
         record["plan_size"] = {t: len(idx) for t, idx in plan.items()}
         if plan.num_neurons == 0:
-            record.update(grown=False, params_after=params_before)
+            from ..select import why_nothing_selected
+
+            record.update(grown=False, params_after=params_before,
+                          why_not_grown=why_nothing_selected(
+                              report, layer_threshold=schedule.layer_threshold))
             self._finish(epoch, record)
             return record
         loss_before = _model_loss(old, check, self.loss_fn)

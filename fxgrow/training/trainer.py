@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import checkpoint, data as data_mod, distributed
-from ..errors import ScheduleError
+from ..errors import CheckpointError, ScheduleError
 from ..recipes import recipe
 from .rundir import RunDir, summary_table
 from .scaler import Scaler, ScalingSchedule
@@ -61,16 +61,40 @@ class TrainConfig:
     eval_batch_size: int = 256
 
     def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "eval_batch_size", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ScheduleError(f"{name} must be an integer, got {value!r}")
+        for name in ("lr", "min_lr", "weight_decay", "warmup_epochs", "label_smoothing",
+                     *(("clip_grad",) if self.clip_grad is not None else ())):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value):
+                raise ScheduleError(f"{name} must be a finite number, got {value!r}")
         if self.epochs <= 0:
             raise ScheduleError(f"epochs must be positive, got {self.epochs}")
         if self.batch_size <= 0 or self.eval_batch_size <= 0:
             raise ScheduleError("batch sizes must be positive")
+        if self.seed < 0:
+            raise ScheduleError(f"seed must be >= 0, got {self.seed}")
         if not self.lr > 0 or self.min_lr < 0 or self.weight_decay < 0:
             raise ScheduleError("lr must be positive, min_lr and weight_decay non-negative")
+        if self.min_lr > self.lr:
+            raise ScheduleError(f"min_lr {self.min_lr} is above lr {self.lr}: the cosine "
+                                f"schedule would make the learning rate climb")
         if self.warmup_epochs < 0 or not 0 <= self.label_smoothing < 1:
             raise ScheduleError("warmup_epochs must be >= 0 and label_smoothing in [0, 1)")
         if self.clip_grad is not None and not self.clip_grad > 0:
             raise ScheduleError(f"clip_grad must be positive, got {self.clip_grad}")
+        if not isinstance(self.optimizer, str) or self.optimizer.lower() not in _optimizers():
+            raise ScheduleError(f"unknown optimizer {self.optimizer!r}; timm knows e.g. "
+                                f"adamw, adam, sgd, lamb, lion")
+
+
+def _optimizers() -> set[str]:
+    from timm.optim import list_optimizers
+
+    return {name.lower() for name in list_optimizers()}
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -173,18 +197,20 @@ def fit(
 
     With ``resume=True`` the run continues from the latest checkpoint in ``run_dir``;
     ``model`` then only needs to be the run's starting model (its recipe must match), the
-    weights come from the checkpoint. ``run_config`` is extra JSON the run directory
-    records (what the command line was given); a resume with a different one is refused.
+    weights come from the checkpoint. A run killed before its first checkpoint starts
+    afresh from ``model``. ``run_config`` is extra JSON the run directory records (what the
+    command line was given); a resume with a different one is refused. The run directory
+    is locked for the whole call: a second writer is refused.
 
     ``triple`` runs TripLe's serialized schedule (:mod:`fxgrow.training.triple`): the model
     is widened before training and deepened after stage I, with or without growth rounds.
 
     Raises:
-        CheckpointError: ``run_dir`` exists without ``resume``; no or a foreign checkpoint.
+        CheckpointError: ``run_dir`` exists without ``resume``; a foreign checkpoint.
+        RunLockedError: another process is writing ``run_dir``.
+        StorageError: the disk refused a write.
         ScheduleError: ``resume`` of a run with a TripLe schedule (not supported).
     """
-    from ..verify import count_params
-
     tripler = None
     if triple is not None:
         if resume:
@@ -194,10 +220,13 @@ def fit(
         model, _ = tripler.start(model)
 
     rank, world = distributed.rank_world()
-    main = rank == 0
     if config.batch_size % world:
         raise ScheduleError(
             f"the global batch_size {config.batch_size} is not divisible by the {world} ranks"
+        )
+    if config.batch_size > len(bundle.train):
+        raise ScheduleError(
+            f"batch_size {config.batch_size} exceeds the {len(bundle.train)} training images"
         )
     if resume:
         run = RunDir(run_dir, resume=True)  # read-only on every rank
@@ -215,156 +244,232 @@ def fit(
     if triple is not None:
         full_config["triple"] = triple.to_dict()
     full_config = _json_roundtrip(full_config)
-    criterion = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    if config.batch_size > len(bundle.train):
-        raise ScheduleError(
-            f"batch_size {config.batch_size} exceeds the {len(bundle.train)} training images"
-        )
-    # tail="drop" + drop_last: step k of the ranks together is step k of one process.
-    train_loader = data_mod.loader(bundle.train, config.batch_size // world, seed=config.seed,
-                                   drop_last=True, num_replicas=world, rank=rank,
-                                   tail="drop" if world > 1 else "pad")
-    val_loader = data_mod.loader(bundle.val, config.eval_batch_size, shuffle=False,
-                                 num_replicas=world, rank=rank, tail="uneven")
-    device = distributed.device()  # this rank's GPU under NCCL, else the CPU
-    analysis: list[Any] = []
-    if schedule is not None:
-        fixed = data_mod.loader(bundle.train, config.batch_size, shuffle=False)
-        for batch in fixed:
-            analysis.append(_to(*batch, device))
-            if len(analysis) == schedule.analysis_batches:
-                break
-    sample = bundle.val[0][0].unsqueeze(0).to(device)
-    flops = _FlopCache(sample)
+    trainer = _Trainer(model, bundle, config, schedule, run_dir, run, full_config, quiet)
+    trainer.tripler = tripler
+    try:
+        if resume:
+            trainer.resume()
+        else:
+            trainer.start(create=True)
+        return trainer.train()
+    finally:
+        if run is not None:
+            run.unlock()
 
-    if resume:
-        if run.config() != full_config:
-            diff = checkpoint._config_diff(run.config(), full_config)
-            raise checkpoint.CheckpointError(
-                f"{run_dir} was started with another configuration:\n  " + "\n  ".join(diff)
+
+class _Trainer:
+    """The state of one run between epochs (model, DDP wrapper, optimizer, schedule,
+    scaler, metrics) and the steps :func:`fit` takes on it."""
+
+    def __init__(self, model: fx.GraphModule, bundle: data_mod.DataBundle, config: TrainConfig,
+                 schedule: ScalingSchedule | None, run_dir: str, run: RunDir | None,
+                 full_config: dict[str, Any], quiet: bool) -> None:
+        self.rank, self.world = distributed.rank_world()
+        self.main = self.rank == 0
+        self.model, self.config, self.schedule = model, config, schedule
+        self.run, self.full_config, self.quiet = run, full_config, quiet
+        self.run_dir = run_dir  # ``run`` is None on the ranks that never write
+        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        world, rank = self.world, self.rank
+        # tail="drop" + drop_last: step k of the ranks together is step k of one process.
+        self.train_loader = data_mod.loader(
+            bundle.train, config.batch_size // world, seed=config.seed, drop_last=True,
+            num_replicas=world, rank=rank, tail="drop" if world > 1 else "pad")
+        self.val_loader = data_mod.loader(bundle.val, config.eval_batch_size, shuffle=False,
+                                          num_replicas=world, rank=rank, tail="uneven")
+        self.device = distributed.device()  # this rank's GPU under NCCL, else the CPU
+        self.analysis: list[Any] = []
+        if schedule is not None:
+            fixed = data_mod.loader(bundle.train, config.batch_size, shuffle=False)
+            for batch in fixed:
+                self.analysis.append(_to(*batch, self.device))
+                if len(self.analysis) == schedule.analysis_batches:
+                    break
+        self.sample = bundle.val[0][0].unsqueeze(0).to(self.device)
+        self.flops = _FlopCache(self.sample)
+        self.metrics: list[dict[str, Any]] = []
+        self.start_epoch = 0
+        self.scaler: Scaler | None = None
+        self.tripler: TripleScaler | None = None
+        self.net: torch.nn.Module = model
+
+    # ------------------------------------------------------------------ starting a run
+    def start(self, *, create: bool) -> None:
+        """A run from epoch 0 with the model given (a new directory, or one holding no
+        checkpoint yet)."""
+        seed_everything(self.config.seed + self.rank)  # distinct dropout draws per rank
+        if create:
+            distributed.on_main(lambda: self.run.create(self.full_config),
+                                "creating the run directory")
+        self.model.to(self.device).train()
+        self.optimizer = make_optimizer(self.model, self.config)
+        self.scheduler = make_scheduler(self.optimizer, self.config, len(self.train_loader))
+        self._make_scaler()
+        self.net = distributed.wrap(self.model)
+
+    def resume(self) -> None:
+        """Continue from the latest checkpoint; start afresh if there is none yet."""
+        run = self.run  # opened read-only on every rank
+        saved = run.config()
+        if saved != self.full_config:
+            diff = checkpoint.config_diff(saved, self.full_config)
+            raise CheckpointError(
+                f"{run.path} was started with another configuration:\n  " + "\n  ".join(diff)
             )
-        ckpt = checkpoint.load(run_dir, full_config)
+        distributed.on_main(run.lock, "locking the run directory")
+        if checkpoint.latest(run.path) is None:  # killed before its first checkpoint
+            distributed.on_main(lambda: checkpoint.remove_temporaries(run.path),
+                                "removing a partial checkpoint")
+            self.start(create=False)
+            return
+        ckpt = checkpoint.load(run.path, self.full_config)
         # load() removes stale temporary directories: no rank may write before all loaded.
         distributed.barrier("loading the checkpoint")
-        model = ckpt.model
-        model.to(device).train()
-        optimizer = make_optimizer(model, config)
+        self.model = ckpt.model
+        self.model.to(self.device).train()
+        self.optimizer = make_optimizer(self.model, self.config)
         # A new scheduler sets each group's lr to its step-0 value: restore the optimizer
         # (groups' lr included) after creating it, or the first resumed step uses that lr.
-        scheduler = make_scheduler(optimizer, config, len(train_loader))
-        ckpt.restore_optimizer(optimizer)
-        scheduler.load_state_dict(ckpt.state["scheduler"])
+        self.scheduler = make_scheduler(self.optimizer, self.config, len(self.train_loader))
+        ckpt.restore_optimizer(self.optimizer)
+        try:
+            self.scheduler.load_state_dict(ckpt.state["scheduler"])
+            self._restore_rng(ckpt)
+            self._make_scaler(ckpt.state["scaler"])
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
+            raise CheckpointError(f"{ckpt.path}/state.pt does not fit this run: "
+                                  f"{type(exc).__name__}: {exc}") from exc
+        self.metrics = list(ckpt.state["metrics"])
+        self.start_epoch = ckpt.epoch + 1
+        # A kill between the checkpoint and the logs' rewrite left them one epoch behind.
+        distributed.on_main(self._write_logs, "rewriting the run's logs")
+        self.net = distributed.wrap(self.model)
+        self.grow_after(ckpt.epoch)  # the round after the checkpoint's epoch may not have run
+
+    def _restore_rng(self, ckpt: checkpoint.Checkpoint) -> None:
         ranks_rng = ckpt.state.get("rng_ranks")
-        if ranks_rng is not None and len(ranks_rng) == world:
-            checkpoint.restore_rng(ranks_rng[rank])
-        elif main:
+        if ranks_rng is not None and len(ranks_rng) == self.world:
+            checkpoint.restore_rng(ranks_rng[self.rank])
+        elif self.main:
             checkpoint.restore_rng(ckpt.state["rng"])
         else:  # saved with another number of ranks: a fresh stream of its own
-            seed_everything(config.seed + rank + 1_000_003 * (ckpt.epoch + 1))
-        metrics = list(ckpt.state["metrics"])
-        start = ckpt.epoch + 1
-    else:
-        seed_everything(config.seed + rank)  # distinct dropout/augmentation draws per rank
-        distributed.on_main(lambda: run.create(full_config), "creating the run directory")
-        model.to(device).train()
-        optimizer = make_optimizer(model, config)
-        scheduler = make_scheduler(optimizer, config, len(train_loader))
-        metrics, start, ckpt = [], 0, None
-    scaler = None
-    if schedule is not None:
+            seed_everything(self.config.seed + self.rank + 1_000_003 * (ckpt.epoch + 1))
+
+    def _make_scaler(self, state: dict[str, Any] | None = None) -> None:
+        if self.schedule is None:
+            return
         # Every rank holds the whole dataset, so it builds the global analysis batches
         # itself: the same report and plan as one process, with nothing to gather.
-        scaler = Scaler(model, optimizer, schedule, analysis, criterion,
-                        flop_inputs=sample, progress=not quiet and main, seed=config.seed,
-                        gather_analysis=False)
-        if ckpt is not None:
-            scaler.load_state_dict(ckpt.state["scaler"])
+        self.scaler = Scaler(self.model, self.optimizer, self.schedule, self.analysis,
+                             self.criterion, flop_inputs=self.sample,
+                             progress=not self.quiet and self.main, seed=self.config.seed,
+                             gather_analysis=False)
+        if state is not None:
+            self.scaler.load_state_dict(state)
 
-    def write(epoch: int, stage: str, rng_ranks: list[Any] | None) -> None:
-        checkpoint.save(run_dir, model=model, optimizer=optimizer, scheduler=scheduler,
-                        scaler=scaler, epoch=epoch, stage=stage, metrics=metrics,
-                        config=full_config, rng_ranks=rng_ranks)
-        run.write_metrics(metrics)
-        run.write_growth(scaler.records if scaler is not None else [])
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        return self.scaler.records if self.scaler is not None else []
 
-    def save(epoch: int, stage: str) -> None:
-        # Ranks hold identical weights and optimizer states: rank 0 writes, the others wait
-        # for it (and fail with its error if it fails).
+    def _write_logs(self) -> None:
+        self.run.write_metrics(self.metrics)
+        self.run.write_growth(self.records)
+
+    def save(self, epoch: int, stage: str) -> None:
+        """Checkpoint, then rewrite the logs. Ranks hold identical weights and optimizer
+        states: rank 0 writes, the others wait for it (and fail with its error)."""
         rng_ranks = None
-        if world > 1:  # each rank's own random stream, so that a resume continues all of them
+        if self.world > 1:  # each rank's own random stream, so that a resume continues all
             rng_ranks = distributed.all_gather_object(checkpoint.capture_rng(),
                                                       "gathering the RNG states")
-        distributed.on_main(lambda: write(epoch, stage, rng_ranks),
-                            f"writing the {stage} checkpoint")
 
-    net = distributed.wrap(model)
+        def write() -> None:
+            checkpoint.save(self.run_dir, model=self.model, optimizer=self.optimizer,
+                            scheduler=self.scheduler, scaler=self.scaler, epoch=epoch,
+                            stage=stage, metrics=self.metrics, config=self.full_config,
+                            rng_ranks=rng_ranks)
+            checkpoint.fault_point("checkpoint_saved")
+            self._write_logs()
 
-    def grow_after(epoch: int) -> bool:
+        distributed.on_main(write, f"writing the {stage} checkpoint")
+
+    # ------------------------------------------------------------------ training
+    def grow_after(self, epoch: int) -> bool:
         """Run the round due after ``epoch`` (if any, and not run yet); checkpoint it."""
-        nonlocal model, net
-        if scaler is None:
+        if self.scaler is None:
             return False
-        rounds = len(scaler.records)
-        model = scaler.after_epoch(epoch)
-        if len(scaler.records) == rounds:
+        rounds = len(self.scaler.records)
+        self.model = self.scaler.after_epoch(epoch)
+        if len(self.scaler.records) == rounds:
             return False
-        record = scaler.records[-1]
+        record = self.scaler.records[-1]
         if record.get("grown"):
             # New parameters: a new DDP wrapper (and gradient buckets) around the grown model.
-            net = distributed.wrap(model, previous=net)
-            if main:
-                run.plot_round(scaler.last_report, record["round"])
-        save(epoch, "grown")
+            self.net = distributed.wrap(self.model, previous=self.net)
+            if self.main:
+                self.run.plot_round(self.scaler.last_report, record["round"])
+        self.save(epoch, "grown")
         return True
 
-    if ckpt is not None:  # the round after the checkpoint's epoch may not have run yet
-        grow_after(ckpt.epoch)
-    for epoch in range(start, config.epochs):
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        """One epoch of steps, then validation: the epoch's metrics record."""
+        from ..verify import count_params
+
         started = time.perf_counter()
-        train_loader.sampler.set_epoch(epoch)
-        net.train()
+        config, model, optimizer = self.config, self.model, self.optimizer
+        self.train_loader.sampler.set_epoch(epoch)
+        self.net.train()
         loss_sum, steps = 0.0, 0
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}",
-                   disable=quiet or not main, leave=False)
+        bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{config.epochs}",
+                   disable=self.quiet or not self.main, leave=False)
         for inputs, labels in bar:
-            inputs, labels = _to(inputs, labels, device)
-            loss = criterion(net(inputs), labels)
+            inputs, labels = _to(inputs, labels, self.device)
+            loss = self.criterion(self.net(inputs), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.clip_grad is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
             optimizer.step()
-            if tripler is not None:
-                tripler.after_step()
-            scheduler.step()
+            if self.tripler is not None:
+                self.tripler.after_step()
+            self.scheduler.step()
             loss_sum += loss.item()
             steps += 1
             checkpoint.fault_point("step")
         # Equal per-rank batches: the mean over ranks of their mean losses is the global one.
         loss_sum = distributed.all_reduce_sum([loss_sum], "reducing the training loss")[0]
-        record = {"epoch": epoch, "train_loss": loss_sum / world / steps,
-                  **evaluate(model, val_loader, reduce=world > 1),
-                  "params": count_params(model), "flops": flops(model),
-                  "lr": optimizer.param_groups[0]["lr"], "time": time.perf_counter() - started}
-        metrics.append(record)
-        save(epoch, "epoch")
-        checkpoint.fault_point("epoch_end")
-        if tripler is not None:
-            model, optimizer, changed = tripler.after_epoch(epoch, model, optimizer)
-            if changed:
-                scheduler = _rebind_scheduler(scheduler, optimizer)
-                net = distributed.wrap(model, previous=net)
-                if scaler is not None:
-                    scaler.model, scaler.optimizer = model, optimizer
-                save(epoch, "expanded")
-        if grow_after(epoch):
-            checkpoint.fault_point("after_growth")
-    records = scaler.records if scaler is not None else []
-    if main:
-        run.plot_metrics(metrics, [r["epoch"] for r in records if r.get("grown")])
-    summary = summary_table(metrics, records)
-    return RunResult(model, metrics, records, summary,
-                     tripler.records if tripler is not None else [])
+        return {"epoch": epoch, "train_loss": loss_sum / self.world / steps,
+                **evaluate(model, self.val_loader, reduce=self.world > 1),
+                "params": count_params(model), "flops": self.flops(model),
+                "lr": optimizer.param_groups[0]["lr"], "time": time.perf_counter() - started}
+
+    def expand_after(self, epoch: int) -> None:
+        """TripLe's expansion due after ``epoch`` (if any): new model, optimizer and wrapper."""
+        if self.tripler is None:
+            return
+        self.model, self.optimizer, changed = self.tripler.after_epoch(epoch, self.model,
+                                                                       self.optimizer)
+        if changed:
+            self.scheduler = _rebind_scheduler(self.scheduler, self.optimizer)
+            self.net = distributed.wrap(self.model, previous=self.net)
+            if self.scaler is not None:
+                self.scaler.model, self.scaler.optimizer = self.model, self.optimizer
+            self.save(epoch, "expanded")
+
+    def train(self) -> RunResult:
+        for epoch in range(self.start_epoch, self.config.epochs):
+            self.metrics.append(self.train_epoch(epoch))
+            self.save(epoch, "epoch")
+            checkpoint.fault_point("epoch_end")
+            self.expand_after(epoch)
+            if self.grow_after(epoch):
+                checkpoint.fault_point("after_growth")
+        records = self.records
+        if self.main:
+            self.run.plot_metrics(self.metrics, [r["epoch"] for r in records if r.get("grown")])
+        return RunResult(self.model, self.metrics, records, summary_table(self.metrics, records),
+                         self.tripler.records if self.tripler is not None else [])
 
 
 def _rebind_scheduler(scheduler: torch.optim.lr_scheduler.LambdaLR,

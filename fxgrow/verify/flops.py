@@ -48,7 +48,7 @@ import torch.fx as fx
 from torch import nn
 
 from .._ops import LAYER_NORM_FUNCTIONS, PRODUCT_OPERATORS, is_attention, is_matmul
-from ..errors import FxgrowError
+from ..errors import FlopCountError
 from ..linears import linear_site
 
 __all__ = [
@@ -88,7 +88,7 @@ ZERO_COST_OPS: frozenset[str] = frozenset(
 
 def _shape(value: Any) -> list[int]:
     if not value.isCompleteTensor():
-        raise FxgrowError(f"count_flops: an operand of {value.node().kind()} has no known shape")
+        raise FlopCountError(f"count_flops: an operand of {value.node().kind()} has no known shape")
     return list(value.type().sizes())
 
 
@@ -119,8 +119,20 @@ def _sdpa_flops(inputs: list[Any], outputs: list[Any]) -> int:
     return attention_flops(_shape(inputs[0]), _shape(inputs[1]), _shape(outputs[0]))
 
 
+def _native_mha_flops(inputs: list[Any], outputs: list[Any]) -> int:
+    """``nn.MultiheadAttention``'s fused eval path (batch-first query (B, L, E), key and
+    value (B, S, E)): the q, k, v and output projections and the QK^T and AV products, the
+    same multiply-adds as the unfused path counts op by op."""
+    query, key = _shape(inputs[0]), _shape(inputs[1])
+    *batch, length, embed = query
+    source = key[-2]
+    projections = length * embed * embed * 2 + 2 * source * embed * embed
+    return math.prod(batch) * (projections + 2 * length * source * embed)
+
+
 _HANDLES = {
     "aten::scaled_dot_product_attention": _sdpa_flops,
+    "aten::_native_multi_head_attention": _native_mha_flops,
     "aten::matmul": _product_flops,
     "aten::mm": _product_flops,
     "aten::bmm": _product_flops,
@@ -171,9 +183,12 @@ def _module_sort_key(name: str) -> list[tuple[int, Any]]:
 
 
 def _as_tuple(inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    if not isinstance(inputs, (torch.Tensor, tuple, list)):
+        raise FlopCountError(f"count_flops: inputs must be a tensor or a non-empty tuple of "
+                             f"tensors, got {type(inputs).__name__}")
     items = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
     if not items or not all(isinstance(t, torch.Tensor) for t in items):
-        raise FxgrowError("count_flops: inputs must be a tensor or a non-empty tuple of tensors")
+        raise FlopCountError("count_flops: inputs must be a tensor or a non-empty tuple of tensors")
     return items
 
 
@@ -275,7 +290,7 @@ def count_flops(model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor])
     is changed.
 
     Raises:
-        FxgrowError: if the inputs are not tensors or the model fails to run on them.
+        FlopCountError: if the inputs are not tensors or the model fails to run on them.
     """
     args = _as_tuple(inputs)
     target = _ScopedRunner(model) if isinstance(model, fx.GraphModule) else model
@@ -289,11 +304,11 @@ def count_flops(model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor])
         analysis.set_op_handle(**_HANDLES, **dict.fromkeys(ZERO_COST_OPS))  # None: ignore
         try:
             by_module = analysis.by_module()
-        except FxgrowError:
+        except FlopCountError:
             raise
         except Exception as exc:
             shapes = ", ".join(str(tuple(a.shape)) for a in args)
-            raise FxgrowError(
+            raise FlopCountError(
                 f"count_flops: running {type(model).__name__} on inputs of shape {shapes} "
                 f"failed: {type(exc).__name__}: {exc}"
             ) from exc
@@ -351,6 +366,15 @@ def _cpu_fused_attention_flops(query_shape, key_shape, value_shape, *args, **kwa
     return sdpa_flop_count(as_4d(query_shape), as_4d(key_shape), as_4d(value_shape))
 
 
+def _native_mha_torch_flops(query_shape, key_shape, *args, **kwargs) -> int:
+    """FlopCounterMode's convention (2 per multiply-add) for the fused MHA kernel, which it
+    otherwise counts as zero."""
+    *batch, length, embed = query_shape
+    source = key_shape[-2]
+    per_batch = 2 * length * embed * embed + 2 * source * embed * embed + 2 * length * source * embed
+    return 2 * math.prod(batch) * per_batch
+
+
 def torch_flops(model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor]) -> int:
     """Multiply-adds of ``model(*inputs)`` per ``torch.utils.flop_counter.FlopCounterMode``.
 
@@ -363,12 +387,15 @@ def torch_flops(model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor])
 
     args = _as_tuple(inputs)
     fused_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    counter = FlopCounterMode(display=False, custom_mapping={fused_cpu: _cpu_fused_attention_flops})
+    counter = FlopCounterMode(display=False, custom_mapping={
+        fused_cpu: _cpu_fused_attention_flops,
+        torch.ops.aten._native_multi_head_attention: _native_mha_torch_flops,
+    })
     with counter, torch.no_grad():
         model(*args)
     total = counter.get_total_flops()
     if total % 2:
-        raise FxgrowError(f"torch_flops: FlopCounterMode reported an odd count {total}")
+        raise FlopCountError(f"torch_flops: FlopCounterMode reported an odd count {total}")
     return total // 2
 
 
@@ -393,15 +420,28 @@ class FlopCrossCheck:
 
 
 def cross_check_flops(
-    model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor]
+    model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor], *, strict: bool = True
 ) -> FlopCrossCheck:
     """Count ``model(*inputs)`` with both fvcore (:func:`count_flops`) and
-    ``torch.utils.flop_counter`` (:func:`torch_flops`) on the same convention."""
+    ``torch.utils.flop_counter`` (:func:`torch_flops`) on the same convention.
+
+    Raises:
+        FlopCountError: with ``strict`` (the default), when the two counts differ; the
+            message gives both and fvcore's count per operator. ``strict=False`` returns the
+            disagreeing check instead (``agree`` is False).
+    """
     report = count_flops(model, inputs)
-    products = sum(v for op, v in report.by_operator.items() if op in PRODUCT_OPERATORS)
-    return FlopCrossCheck(
-        fvcore=products,
+    products = {op: v for op, v in report.by_operator.items() if op in PRODUCT_OPERATORS}
+    check = FlopCrossCheck(
+        fvcore=sum(products.values()),
         torch=torch_flops(model, inputs),
-        fvcore_other=report.total - products,
+        fvcore_other=report.total - sum(products.values()),
         report=report,
     )
+    if strict and not check.agree:
+        raise FlopCountError(
+            f"cross_check_flops: fvcore counts {check.fvcore:,} multiply-adds of products, "
+            f"torch.utils.flop_counter {check.torch:,} (fvcore by operator: {products}); one "
+            f"of them misses an operator of this model"
+        )
+    return check

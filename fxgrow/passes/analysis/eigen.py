@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from scipy.linalg.lapack import dstebz
 
+from ...errors import AnalysisError, InternalError
 from .gemm import gemm_nt, onednn_applies
 
 # Weight of the random part mixed into a given start vector (both unit norm), so that no
@@ -77,7 +78,7 @@ def exact_smallest(
         source = matrices
         matrices = lambda a, b: source[a:b]  # noqa: E731
     if count is None:
-        raise ValueError("count is required when matrices is a function")
+        raise AnalysisError("count is required when matrices is a function")
     values, vectors = [], []
     for start in range(0, count, chunk):
         block = matrices(start, min(start + chunk, count)).to(torch.float64)
@@ -287,7 +288,7 @@ def _smallest_tridiagonal(
             # range "I" (2), indices 1..1, abstol 0 (bisection to full precision), order "E"
             out = dstebz(a[j], b[j], 2, 0.0, 0.0, 1, 1, 0.0, "E")
             if out[-1] != 0:
-                raise RuntimeError(f"fxgrow internal error: dstebz failed, info={out[-1]}")
+                raise InternalError(f"dstebz failed, info={out[-1]}")
             theta[j] = out[1][0]
     # numpy, not torch: m sequential steps on length-J vectors, where per-op overhead rules.
     pivmin = np.finfo(np.float64).tiny / np.finfo(np.float64).eps
@@ -436,14 +437,14 @@ def _first_vectors(
     first = torch.randn(count, dim, generator=generator, dtype=dtype).to(device)
     if start is None:
         if start_product is not None:
-            raise ValueError("start_product needs the start vectors it is the product of")
+            raise AnalysisError("start_product needs the start vectors it is the product of")
         return first
     if start.shape != (count, dim):
-        raise ValueError(f"start must have shape {(count, dim)}, got {tuple(start.shape)}")
+        raise AnalysisError(f"start must have shape {(count, dim)}, got {tuple(start.shape)}")
     if start_product is None:
         return _unit(start.to(device, dtype)) + START_NOISE * _unit(first)
     if start_product.shape != (count, dim):
-        raise ValueError(f"start_product must have shape {(count, dim)}, "
+        raise AnalysisError(f"start_product must have shape {(count, dim)}, "
                          f"got {tuple(start_product.shape)}")
     return start.to(device, dtype)
 

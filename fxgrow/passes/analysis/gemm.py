@@ -56,20 +56,20 @@ def gemm_nt(
 
 
 class _ActivationGradLinear(torch.autograd.Function):
-    """A linear whose backward gives the input's gradient only, both GEMMs through
-    :func:`gemm_nt`. The analysis never needs the parameters' gradients."""
+    """A linear of 2-d inputs whose backward gives the input's gradient only, both GEMMs
+    through :func:`gemm_nt`. The analysis never needs the parameters' gradients. Its output
+    is the GEMM's own tensor, never a view made inside the Function: an in-place op after
+    it (``nn.ReLU(inplace=True)``) would be refused by autograd."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
         ctx.save_for_backward(weight)
-        flat = gemm_nt(x.reshape(-1, x.shape[-1]), weight, bias)
-        return flat.reshape(*x.shape[:-1], weight.shape[0])
+        return gemm_nt(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (weight,) = ctx.saved_tensors
-        flat = gemm_nt(grad.reshape(-1, grad.shape[-1]), weight.T)
-        return flat.reshape(*grad.shape[:-1], weight.shape[1]), None, None
+        return gemm_nt(grad, weight.T), None, None
 
 
 def linear(
@@ -81,6 +81,8 @@ def linear(
     oneDNN when it applies, with no gradient flowing to ``weight`` or ``bias``."""
     if not onednn_applies(input) or weight.dtype != input.dtype or input.dim() == 0:
         return F.linear(input, weight, bias)
-    return _ActivationGradLinear.apply(
-        input, weight.detach(), None if bias is None else bias.detach()
+    flat = _ActivationGradLinear.apply(
+        input.reshape(-1, input.shape[-1]), weight.detach(),
+        None if bias is None else bias.detach(),
     )
+    return flat.reshape(*input.shape[:-1], weight.shape[0])  # a view made outside the Function

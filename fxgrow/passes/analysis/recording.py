@@ -62,6 +62,12 @@ def recording_copy(
             with graph.inserting_after(node):
                 tracked = graph.call_function(_track, (node,))
             node.replace_all_uses_with(tracked, delete_user_cb=lambda u, t=tracked: u is not t)
+            if any(_in_place(gm, user) for user in tracked.users):
+                # An in-place consumer (nn.ReLU(inplace=True)) would overwrite the recorded
+                # output, a leaf: it gets a copy of its own, whose gradient flows back to it.
+                with graph.inserting_after(tracked):
+                    fresh = graph.call_method("clone", (tracked,))
+                tracked.replace_all_uses_with(fresh, delete_user_cb=lambda u, f=fresh: u is not f)
             act, act_fn = None, None
             if form == "activation":
                 found = elementwise_activation(gm, site)
@@ -72,6 +78,18 @@ def recording_copy(
         recorded += [p.x, p.out] + ([p.act] if p.act is not None else [])
     graph.output((out_value, tuple(recorded)))
     return build_graph_module(gm, graph), probes
+
+
+def _in_place(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` may write into its first argument."""
+    if node.kwargs.get("inplace"):
+        return True
+    if node.op == "call_module":
+        return bool(getattr(gm.get_submodule(node.target), "inplace", False))
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.endswith("__")
+    name = getattr(node.target, "__name__", "")
+    return node.op == "call_function" and name.endswith("_") and not name.endswith("__")
 
 
 def _route_linears_through_onednn(gm: fx.GraphModule, graph: fx.Graph) -> dict[fx.Node, fx.Node]:

@@ -103,6 +103,9 @@ class SplittingReport:
             med = float(v.median()) if v.numel() else math.nan
             lines.append(f"{t:<34} {v.numel():>7} {neg:>5} {vmin:>11.3e} {med:>11.3e} "
                          f"{self.tokens[t]:>8} {self.nonconverged[t]:>6}")
+        if self.eigenvalues and not any(bool(v.any()) for v in self.eigenvalues.values()):
+            lines.append("every eigenvalue is exactly 0: no loss gradient reaches these layers "
+                         "(a zero-initialised classifier head?); nothing can be selected")
         return "\n".join(lines)
 
     def plot(self, targets: Sequence[str] | None = None, path: str | Path | None = None):
