@@ -170,7 +170,6 @@ def trace(
     leaf_modules: Iterable[type[nn.Module]] = (),
     autowrap_functions: Iterable[Callable] = (),
     base: dict[str, Any] | None = None,
-    example_inputs: Any = None,
 ) -> fx.GraphModule:
     """Trace ``model`` into a GraphModule that shares its parameters.
 
@@ -431,10 +430,6 @@ def trace_recorded(model: nn.Module, record: Mapping[str, Any]) -> fx.GraphModul
 
 
 def _with_base(gm: fx.GraphModule, base: dict[str, Any]) -> fx.GraphModule:
-    current = recipes.recipe(gm)["base"]
-    if current is not None and current != base:
-        raise TraceError(f"this GraphModule already has the base spec {current!r}; "
-                         f"refusing to replace it by {base!r}")
     result = fx.GraphModule(gm, gm.graph, class_name=type(gm).__name__)
     result.meta.update(copy.deepcopy({k: v for k, v in gm.meta.items()
                                       if k == recipes.META_KEY}))
