@@ -38,12 +38,35 @@ from .. import recipes
 from ..errors import CheckpointError, PlanError
 from ._grown_trees import GrownLinear, GrownTree, PseudoLayer, erase_unused, grown_trees
 from ._rebuild import build_graph_module
-from .grow import add_to_channels
 from .replay import register_replay
 
 PACK_PASS = "pack"
 FOLD_PASS = "fold"
 _EXACT_GRAPH = "fxgrow.exact_graph"  # gm.meta key: the graph a packed model was made from
+
+
+class _AddToColumns(torch.autograd.Function):
+    """``output`` with ``rows`` added to its last-dim channels ``index``, saving only the
+    index for backward. ``index_add`` alone would also keep ``rows`` alive until backward;
+    ``index_put(accumulate=True)`` (what ``grow`` writes, for its exact gradient layout) is
+    several times slower on the CPU."""
+
+    @staticmethod
+    def forward(ctx: Any, output: torch.Tensor, index: torch.Tensor,
+                rows: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        return output.index_add(-1, index, rows)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, torch.Tensor]:
+        (index,) = ctx.saved_tensors
+        return grad, None, grad.index_select(-1, index)
+
+
+def add_to_columns(output: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``result[..., index[i]] = output[..., index[i]] + rows[..., i]`` (out of place,
+    repeated indices summed): the write-back of one depth level of a packed target."""
+    return _AddToColumns.apply(output, index, rows)
 
 
 def is_packed(gm: fx.GraphModule) -> bool:
@@ -189,7 +212,7 @@ def _emit_levels(
         a = _level_sums(graph, current, pair_width, single_width)
         rows = graph.call_function(operator.add, (graph.call_function(F.gelu, (a,)), a))
         index = graph.get_attr(index_name)
-        current = graph.call_function(add_to_channels, (blocks[depth - 1], index, rows))
+        current = graph.call_function(add_to_columns, (blocks[depth - 1], index, rows))
     return current
 
 
