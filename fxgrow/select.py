@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Literal
 
 from .errors import AnalysisError
+from .passes.pairs import without_second_members
 from .plan import GrowthPlan
 
 if TYPE_CHECKING:
@@ -34,7 +35,8 @@ def select(
     """The growth plan the paper's rule picks from ``report``.
 
     1. Eligible neurons: eigenvalue strictly negative, in ``targets`` (default: every target
-       of the report).
+       of the report). The minus member of a grown pair whose plus twin is in the report is
+       never eligible: the twins are one candidate (docs/packing.md).
     2. A target with fewer eligible neurons than ``layer_threshold`` is skipped entirely.
     3. The remaining eligible neurons are ranked most negative first; ties break by the
        target's position in the report, then by neuron index.
@@ -53,7 +55,8 @@ def select(
     layer_threshold = _count("layer_threshold", layer_threshold)
     if budget_unit not in ("neurons", "params"):
         raise AnalysisError(f"budget_unit must be 'neurons' or 'params', got {budget_unit!r}")
-    order = report.targets
+    # a pair's twins have equal splitting matrices: one candidate (docs/packing.md)
+    order = without_second_members(report.targets)
     if targets is None:
         chosen = order
     else:
