@@ -97,6 +97,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--growth-mode", choices=("paper", "fused"), default="paper")
     s.add_argument("--init-state", choices=("fresh", "parent"), default="fresh",
                    help="optimizer state of new params (parent: copied from the grown neuron)")
+    s.add_argument("--no-pack", action="store_true",
+                   help="train grown models in the exact form instead of packed (one GEMM per "
+                        "grown target; docs/packing.md)")
     p.add_argument("--run-dir", default=None, help="new run directory (refused if it exists)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue the run in RUN_DIR (all other options come from it)")
@@ -348,7 +351,7 @@ def cmd_scale(args: argparse.Namespace) -> int:
     bundle, model, config = _setup(args, reduced=args.reduce)
     result = fit(model, bundle, config, str(run_dir), schedule=schedule,
                  run_config={"cli": cli}, resume=bool(args.resume), quiet=args.quiet,
-                 triple=_triple(args))
+                 triple=_triple(args), pack=not getattr(args, "no_pack", False))
     if distributed.is_main():
         print(result.summary)
         print(f"run directory: {run_dir}")
@@ -385,7 +388,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
             print(f"== {label}: {'reduce-then-grow' if grow_model else 'full width'}",
                   file=sys.stderr)
         result = fit(model, bundle, config, str(sub), schedule=schedule,
-                     run_config={"cli": cli, "compare": label}, resume=resume, quiet=args.quiet)
+                     run_config={"cli": cli, "compare": label}, resume=resume, quiet=args.quiet,
+                     pack=not getattr(args, "no_pack", False))
         # The schedule forbids growth after the last epoch: its metrics are the final model's.
         first, last = result.metrics[0], result.metrics[-1]
         rows.append({"model": f"{args.model} ({'reduce+grow' if grow_model else 'full'})",

@@ -184,3 +184,34 @@ def test_pack_leaves_an_edited_subgraph_as_it_is():
     assert fxgrow.recipe(packed)["history"][-1]["args"]["targets"] == ["blocks.1.mlp.fc2"]
     assert relative(packed(x), grown(x)) < 1e-12
     assert add_to_channels in {n.target for n in packed.graph.nodes}
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_scaler_trains_packed_and_keeps_the_bitwise_loss_check(packed):
+    from fxgrow.training.scaler import Scaler, ScalingSchedule
+
+    torch.manual_seed(0)
+    gm = fxgrow.models.build("tiny_vit", num_classes=4, img_size=8, embed_dim=16, depth=2,
+                             num_heads=2)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 4, (8,), generator=g))
+               for _ in range(2)]
+    optimizer = torch.optim.AdamW(gm.parameters(), lr=1e-2)
+    schedule = ScalingSchedule(warmup_epochs=1, interval=1, end_epoch=3, epochs=4,
+                               budget_per_round=6, layer_threshold=1, analysis_batches=1)
+    scaler = Scaler(gm, optimizer, schedule, batches, F.cross_entropy, pack=packed)
+    for epoch in range(4):
+        for x, y in batches:
+            optimizer.zero_grad()
+            F.cross_entropy(gm(x), y).backward()
+            optimizer.step()
+        gm = scaler.after_epoch(epoch)
+        if scaler.records and scaler.records[-1]["grown"]:
+            assert is_packed(gm) == packed
+    grown = [r for r in scaler.records if r["grown"]]
+    assert len(grown) >= 2  # the later rounds grow a packed model
+    assert all(r["loss_equal"] and r["equivalent"] and r["packed"] == packed for r in grown)
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert {id(p) for p in gm.parameters()} == held
+    nested = [t for r in grown[1:] for t in r["plan"]["neurons"] if "_grow" in t]
+    assert not any(t.endswith("_minus") for t in nested)  # a pair is one candidate

@@ -167,6 +167,7 @@ def fit(
     resume: bool = False,
     quiet: bool = False,
     triple: TripleSchedule | None = None,
+    pack: bool = True,
 ) -> RunResult:
     """Train ``model`` (a GraphModule with a base spec, so it can be checkpointed) on
     ``bundle``, growing it on ``schedule``, logging into the new directory ``run_dir``.
@@ -175,6 +176,7 @@ def fit(
     ``model`` then only needs to be the run's starting model (its recipe must match), the
     weights come from the checkpoint. ``run_config`` is extra JSON the run directory
     records (what the command line was given); a resume with a different one is refused.
+    ``pack`` trains grown models packed (see :class:`fxgrow.training.scaler.Scaler`).
 
     ``triple`` runs TripLe's serialized schedule (:mod:`fxgrow.training.triple`): the model
     is widened before training and deepened after stage I, with or without growth rounds.
@@ -276,7 +278,7 @@ def fit(
         # itself: the same report and plan as one process, with nothing to gather.
         scaler = Scaler(model, optimizer, schedule, analysis, criterion,
                         flop_inputs=sample, progress=not quiet and main, seed=config.seed,
-                        gather_analysis=False)
+                        gather_analysis=False, pack=pack)
         if ckpt is not None:
             scaler.load_state_dict(ckpt.state["scaler"])
 
