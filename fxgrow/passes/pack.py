@@ -38,6 +38,7 @@ from .. import recipes
 from ..errors import CheckpointError, PlanError
 from ._grown_trees import GrownLinear, GrownTree, PseudoLayer, erase_unused, grown_trees
 from ._rebuild import build_graph_module
+from .grow import _stem
 from .replay import register_replay
 
 PACK_PASS = "pack"
@@ -136,8 +137,9 @@ def fold(gm: fx.GraphModule) -> fx.GraphModule:
     graph = copy.deepcopy(gm.graph)
     new_attrs: dict[str, Any] = {}
     folded = []
+    names: dict[str, str] = {}
     for tree in _trees(gm, graph):
-        _fold_tree(gm, graph, tree, new_attrs)
+        _fold_tree(gm, graph, tree, new_attrs, names)
         folded.append(tree.site.target)
     modules = {n for n, v in new_attrs.items() if isinstance(v, nn.Module)}
     record = {"pass": FOLD_PASS, "args": {"targets": list(dict.fromkeys(folded))}}
@@ -162,13 +164,6 @@ def _trees(gm: fx.GraphModule, graph: fx.Graph) -> list[GrownTree]:
     trees = grown_trees(view)
     graph.owning_module = None  # the rewrite adds attributes the view does not have
     return trees
-
-
-def _stem(tree: GrownTree) -> str:
-    target = tree.site.target
-    if tree.site.kind == "functional" and target.endswith(".weight"):
-        return target[: -len(".weight")]
-    return target
 
 
 def _layout(members_by_layer: Sequence[tuple[PseudoLayer, Sequence[Any]]]) -> list[Any]:
@@ -228,7 +223,7 @@ def _pack_tree(gm: fx.GraphModule, graph: fx.Graph, tree: GrownTree,
     columns: list[list[GrownLinear]] = [[tree.root]]
     level_args: list[tuple[int, int, str]] = []
     device = site.weight.device
-    stem = _stem(tree)
+    stem = _stem(site)
     for depth, entries in enumerate(levels):
         order = _layout([(layer, layer.members) for _, layer in entries])
         for start, member in _running(order):
@@ -282,10 +277,13 @@ def _root_params(
 
 
 def _fold_tree(gm: fx.GraphModule, graph: fx.Graph, tree: GrownTree,
-               new_attrs: dict[str, Any]) -> None:
+               new_attrs: dict[str, Any], names: dict[str, str]) -> None:
+    """Replace ``tree`` by its folded linear; ``names`` maps a target already folded (a
+    module called at several places) to its folded module, which is reused."""
     site = tree.site
-    stem = _stem(tree)
-    name = _free_name(gm, f"{stem}_folded", new_attrs)
+    name = names.get(site.target)
+    if name is None:
+        name = names[site.target] = _free_name(gm, f"{_stem(site)}_folded", new_attrs)
     levels = tree.levels()
     with torch.no_grad():
         root_bias = site.bias(gm)
