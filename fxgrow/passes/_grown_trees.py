@@ -16,14 +16,12 @@ from __future__ import annotations
 import operator
 from dataclasses import dataclass, field
 
-import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
 from ..linears import LinearSite, linear_site
-from ..recipes import history
-from .grow import PASS_NAME as GROW_PASS, _next_tip, add_to_channels
+from .grow import Created, _next_tip, add_to_channels, created_modules
 
 
 @dataclass
@@ -74,15 +72,6 @@ class GrownTree:
         return levels
 
 
-def _created(gm: fx.GraphModule) -> dict[str, dict]:
-    """Every module ``grow`` created, by name, from the grow records of the history."""
-    created: dict[str, dict] = {}
-    for record in history(gm):
-        if record.get("pass") == GROW_PASS:
-            created.update(record["args"]["created"])
-    return created
-
-
 class _Mismatch(Exception):
     """The subgraph is not the one ``grow`` writes (edited since): leave it as it is."""
 
@@ -97,7 +86,7 @@ def _is(node: object, op: str, target: object) -> bool:
 
 
 class _Reader:
-    def __init__(self, gm: fx.GraphModule, created: dict[str, dict]):
+    def __init__(self, gm: fx.GraphModule, created: dict[str, Created]):
         self.gm = gm
         self.created = created
         self.nodes: list[fx.Node] = []
@@ -140,14 +129,14 @@ class _Reader:
             if member.tip is not tip:
                 raise _Mismatch(tip.name)
             members.append(member)
-        roles = sorted(self.created[m.target]["role"] for m in members)
+        roles = sorted(self.created[m.target].role for m in members)
         if roles not in (["minus", "plus"], ["fused"]):
             raise _Mismatch(writeback.name)
-        indices = tuple(self.created[members[0].target]["indices"])
+        indices = self.created[members[0].target].indices
         if any(m.width != len(indices) for m in members):
             raise _Mismatch(writeback.name)
         # the plus member first: the layout of pack puts all plus rows before all minus rows
-        members.sort(key=lambda m: self.created[m.target]["role"] != "plus")
+        members.sort(key=lambda m: self.created[m.target].role != "plus")
         return PseudoLayer(members, index.target, indices, writeback)
 
     def member(self, tip: fx.Node, parent: str, prefix: str) -> GrownLinear:
@@ -157,7 +146,7 @@ class _Reader:
         if node.op != "call_module" or not isinstance(node.target, str):
             raise _Mismatch(tip.name)
         info = self.created.get(node.target)
-        if info is None or info["target"] != parent or not node.target.startswith(prefix):
+        if info is None or info.target != parent or not node.target.startswith(prefix):
             raise _Mismatch(node.name)
         module = self.gm.get_submodule(node.target)
         if not isinstance(module, nn.Linear) or len(node.args) != 1 or node.kwargs:
@@ -180,7 +169,7 @@ def grown_trees(gm: fx.GraphModule) -> list[GrownTree]:
     """Every linear call of ``gm`` with pseudo-layers grown on it whose subgraph is still the
     one ``grow`` wrote, in graph order. Linears that were never grown are not listed; a
     subgraph edited since (a value of it read elsewhere) is skipped."""
-    created = _created(gm)
+    created = {c.name: c for c in created_modules(gm)}
     trees = []
     for node in gm.graph.nodes:
         if _next_tip(node) is None:

@@ -16,15 +16,14 @@ from collections.abc import Iterable
 
 import torch.fx as fx
 
-from .grow import grow_lineage
+from .grow import created_modules
 
 _MINUS = re.compile(r"_grow\d+_minus$")
 
 
 def second_members(gm: fx.GraphModule) -> set[str]:
     """The minus member of every pair ``grow`` created in ``gm`` (module paths)."""
-    return {name[: -len(".weight")] for name, (_, _, role, kind) in grow_lineage(gm).items()
-            if role == "minus" and kind == "weight"}
+    return {c.name for c in created_modules(gm) if c.role == "minus"}
 
 
 def twin_of(target: str) -> str | None:
