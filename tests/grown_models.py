@@ -70,3 +70,15 @@ def relative(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor | None = None
     a, b = a.detach(), b.detach()
     denominator = (b.abs().max() if scale is None else scale).clamp_min(1e-30)
     return float((a - b).abs().max() / denominator)
+
+
+def saved_and_loaded(rewrite, tmp_path) -> tuple[fx.GraphModule, fx.GraphModule, torch.Tensor]:
+    """A tiny grown ViT passed through ``rewrite`` (pack or fold), and the same saved with
+    ``fxgrow.save`` and loaded back, both in eval mode, with an input."""
+    gm = fxgrow.models.tiny_vit(num_classes=3, img_size=16, patch_size=8, embed_dim=16,
+                                depth=1, num_heads=2)
+    model = rewrite(grow_randomly(gm, rewrite.__name__, rounds=2))
+    fxgrow.save(model, tmp_path / "m")
+    loaded = fxgrow.load(tmp_path / "m")
+    assert loaded.code == model.code
+    return model.eval(), loaded.eval(), torch.randn(2, 3, 16, 16)

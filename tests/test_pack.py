@@ -11,7 +11,8 @@ from fxgrow import PlanError
 from fxgrow.passes import exact_form, grow, grow_lineage, is_packed, pack, unpack
 from fxgrow.passes.grow import add_to_channels
 
-from grown_models import FAMILIES, family, grads, grow_randomly, randomise_grown, relative
+from grown_models import (FAMILIES, family, grads, grow_randomly, randomise_grown, relative,
+                          saved_and_loaded)
 
 
 def _grown_calls(gm: fx.GraphModule) -> list[str]:
@@ -133,14 +134,9 @@ def test_growth_on_a_packed_model_keeps_the_bitwise_loss_check():
 
 
 def test_packed_model_saves_and_loads(tmp_path):
-    gm = fxgrow.models.tiny_vit(num_classes=3, img_size=16, patch_size=8, embed_dim=16,
-                                depth=1, num_heads=2)
-    packed = pack(grow_randomly(gm, "io", rounds=2))
-    fxgrow.save(packed, tmp_path / "m")
-    loaded = fxgrow.load(tmp_path / "m")
-    x = torch.randn(2, 3, 16, 16)
-    assert is_packed(loaded) and loaded.code == packed.code
-    assert torch.equal(loaded.eval()(x), packed.eval()(x))
+    packed, loaded, x = saved_and_loaded(pack, tmp_path)
+    assert is_packed(loaded)
+    assert torch.equal(loaded(x), packed(x))
     assert fxgrow.recipe(loaded) == fxgrow.recipe(packed)
 
 

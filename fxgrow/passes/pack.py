@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import copy
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -87,16 +87,9 @@ def pack(gm: fx.GraphModule) -> fx.GraphModule:
     Raises:
         PlanError: ``gm`` is not a GraphModule.
     """
-    gm = _exact(gm, "pack")
-    graph = copy.deepcopy(gm.graph)
-    new_attrs: dict[str, Any] = {}
-    packed = []
-    for tree in _trees(gm, graph):
-        _pack_tree(gm, graph, tree, new_attrs)
-        packed.append(tree.site.target)
+    gm, graph, new_attrs, record = _rewrite(gm, PACK_PASS, _pack_tree)
     exact = gm.graph
     keep = [n.target for n in exact.nodes if n.op in ("call_module", "get_attr")]
-    record = {"pass": PACK_PASS, "args": {"targets": list(dict.fromkeys(packed))}}
     result = build_graph_module(gm, graph, new_attrs, record, keep=keep, unsaved=set(new_attrs))
     result.meta[_EXACT_GRAPH] = copy.deepcopy(exact)
     return result
@@ -133,27 +126,37 @@ def fold(gm: fx.GraphModule) -> fx.GraphModule:
     Raises:
         PlanError: ``gm`` is not a GraphModule.
     """
-    gm = _exact(gm, "fold")
-    graph = copy.deepcopy(gm.graph)
-    new_attrs: dict[str, Any] = {}
-    folded = []
-    names: dict[str, str] = {}
-    for tree in _trees(gm, graph):
+    names: dict[str, str] = {}  # target -> its folded module, shared by all of its calls
+
+    def fold_tree(gm: fx.GraphModule, graph: fx.Graph, tree: GrownTree,
+                  new_attrs: dict[str, Any]) -> None:
         _fold_tree(gm, graph, tree, new_attrs, names)
-        folded.append(tree.site.target)
+
+    gm, graph, new_attrs, record = _rewrite(gm, FOLD_PASS, fold_tree)
     modules = {n for n, v in new_attrs.items() if isinstance(v, nn.Module)}
-    record = {"pass": FOLD_PASS, "args": {"targets": list(dict.fromkeys(folded))}}
     return build_graph_module(gm, graph, new_attrs, record, unsaved=set(new_attrs) - modules)
 
 
 # ----------------------------------------------------------------------------- helpers
 
 
-def _exact(gm: fx.GraphModule, name: str) -> fx.GraphModule:
+def _rewrite(
+    gm: fx.GraphModule, name: str, rewrite: Callable[..., None]
+) -> tuple[fx.GraphModule, fx.Graph, dict[str, Any], dict[str, Any]]:
+    """Apply ``rewrite(gm, graph, tree, new_attrs)`` to every grown tree of a copy of the
+    exact form's graph; return the exact form, the new graph, its new attributes and the
+    pass record naming the rewritten targets."""
     if not isinstance(gm, fx.GraphModule):
         raise PlanError(f"{name} expects a torch.fx.GraphModule (see fxgrow.trace), "
                         f"got {type(gm).__name__}")
-    return exact_form(gm)
+    gm = exact_form(gm)
+    graph = copy.deepcopy(gm.graph)
+    new_attrs: dict[str, Any] = {}
+    targets = []
+    for tree in _trees(gm, graph):
+        rewrite(gm, graph, tree, new_attrs)
+        targets.append(tree.site.target)
+    return gm, graph, new_attrs, {"pass": name, "args": {"targets": list(dict.fromkeys(targets))}}
 
 
 def _trees(gm: fx.GraphModule, graph: fx.Graph) -> list[GrownTree]:
