@@ -90,11 +90,11 @@ def grow(
     multiply-adds per token per target, fused mode k(d+1) and kd.
 
     ``gm`` is never modified; its modules and parameters are shared with the result. A
-    packed ``gm`` (:func:`fxgrow.passes.pack`) is grown in its exact form; pack the result
-    again to train it packed. The
-    result's history gains a ``"grow"`` record with the plan, ``scale``, ``mode`` and, for
-    every created module, the target it grew from, the neuron indices (row i came from
-    neuron ``indices[i]``) and its role (see :func:`grow_lineage`).
+    packed ``gm`` (:func:`fxgrow.passes.pack`) is grown in its exact form, where growth is
+    bitwise (pack the result again to train it packed). The result's history gains a
+    ``"grow"`` record with the plan, ``scale``, ``mode`` and, for every created module, the
+    target it grew from, the neuron indices (row i came from neuron ``indices[i]``) and its
+    role (see :func:`grow_lineage`).
 
     Raises:
         PlanError: a plan that does not fit ``gm`` (checked before anything is built), an
