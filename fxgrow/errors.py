@@ -49,3 +49,7 @@ class WidenError(FxgrowError):
 class DeepenError(FxgrowError):
     """A depth expansion the model's structure does not allow (no repeated blocks, a block
     that reads values from outside it, an unknown operator)."""
+
+
+class StudyError(FxgrowError):
+    """A study spec that cannot be run, or a study directory that holds another study."""

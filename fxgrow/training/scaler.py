@@ -57,6 +57,7 @@ import torch.fx as fx
 
 from . import distributed
 from ..errors import EquivalenceError, ScheduleError
+from ..select import RULES as _RULES
 from .optim import add_grown_params
 
 _METHODS = ("fast", "exact")
@@ -75,6 +76,9 @@ class ScalingSchedule:
     ``epochs`` (the run's length), when given, must leave at least one epoch of training
     after every growth. A parameter budget counts the parameters growth really adds: 2(d+1)
     per neuron of fan-in d in ``mode="paper"``, d+1 in ``mode="fused"``.
+    ``rule`` is the selection rule of :func:`fxgrow.select` (``"splitting"``, the paper's;
+    ``"random"`` and ``"uniform"`` spend the same budget without the criterion, seeded by
+    the scaler's seed and the round); ``layer_threshold`` applies to the splitting rule.
     """
 
     warmup_epochs: int
@@ -93,6 +97,7 @@ class ScalingSchedule:
     mode: str = "paper"
     init_state: str = "fresh"
     epochs: int | None = None
+    rule: str = "splitting"
 
     def __post_init__(self) -> None:
         for name in ("warmup_epochs", "interval", "end_epoch", "analysis_batches",
@@ -124,7 +129,7 @@ class ScalingSchedule:
             self.budget_unit = "params"
         for name, allowed in (("budget_unit", _UNITS), ("method", _METHODS),
                               ("form", _FORMS), ("mode", _MODES),
-                              ("init_state", ("fresh", "parent"))):
+                              ("init_state", ("fresh", "parent")), ("rule", _RULES)):
             if getattr(self, name) not in allowed:
                 raise ScheduleError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not self.scale > 0:
@@ -326,7 +331,8 @@ class Scaler:
         # adds d+1, so a parameter budget buys twice the neurons in fused mode.
         fused_params = unit == "params" and schedule.mode == "fused"
         plan = select(report, budget=budget * 2 if fused_params else budget,
-                      layer_threshold=schedule.layer_threshold, budget_unit=unit)
+                      layer_threshold=schedule.layer_threshold, budget_unit=unit,
+                      rule=schedule.rule, seed=self.seed * 1_000_003 + len(self._done))
         distributed.check_same(plan.to_json(), f"growth plan after epoch {epoch}")
         record["plan"] = plan.to_dict()
         record["plan_size"] = {t: len(idx) for t, idx in plan.items()}

@@ -311,6 +311,8 @@ def fit(
         if len(scaler.records) == rounds:
             return False
         record = scaler.records[-1]
+        if main:
+            run.save_report(scaler.last_report, record["round"])
         if record.get("grown"):
             # New parameters: a new DDP wrapper (and gradient buckets) around the grown model.
             net = distributed.wrap(model, previous=net)
