@@ -165,15 +165,15 @@ def quick_spec(data: str = "digits") -> StudySpec:
 
 def full_spec(data: str = "digits") -> StudySpec:
     """The benchmark's study (benchmarks/bench_study.py): all six conditions, three seeds,
-    the ``make demo`` ViT at 16x16 grown towards the demo's 175,000 parameters, 16 epochs
-    with growth rounds after epochs 4, 7, 10 and 13 (the teacher-student task: 1024 fresh
+    the ``make demo`` ViT at 16x16 grown towards the demo's 175,000 parameters, 12 epochs
+    with growth rounds after epochs 3, 6 and 9 (the teacher-student task: 1024 fresh
     samples per epoch)."""
     return StudySpec(
         data=data, img_size=16, model="tiny_vit",
         model_kwargs={"embed_dim": 64, "depth": 4, "num_heads": 4},
         conditions=list(CONDITIONS), seeds=[0, 1, 2],
-        train={"epochs": 16, "batch_size": 64, "lr": 2e-3},
-        schedule={"warmup_epochs": 4, "interval": 3, "end_epoch": 13,
+        train={"epochs": 12, "batch_size": 64, "lr": 2e-3},
+        schedule={"warmup_epochs": 3, "interval": 3, "end_epoch": 9,
                   "total_param_target": 175000, "layer_threshold": 4},
         teacher_train_size=1024, teacher_val_size=1024,
     )
