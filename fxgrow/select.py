@@ -93,17 +93,7 @@ def select(
         candidates.extend((v, rank, i, t) for v, i in eligible)
     candidates.sort()
 
-    picked: dict[str, list[int]] = {}
-    left = budget
-    for _, _, i, t in candidates:
-        if len(picked.get(t, ())) >= limits[t]:
-            continue
-        cost = _cost(report, t, budget_unit)
-        if cost > left:
-            break
-        picked.setdefault(t, []).append(i)
-        left -= cost
-    return _plan(report, picked)
+    return _take(report, [(t, i) for _, _, i, t in candidates], budget, budget_unit, limits)
 
 
 RULES = ("splitting", "random", "uniform")
@@ -138,6 +128,25 @@ def _cost(report: SplittingReport, target: str, budget_unit: str) -> int:
     return 1 if budget_unit == "neurons" else report.neuron_cost(target)
 
 
+def _take(
+    report: SplittingReport, ranked: Iterable[tuple[str, int]], budget: int, budget_unit: str,
+    limits: Mapping[str, float] | None = None,
+) -> GrowthPlan:
+    """Neurons in ``ranked`` order until the first whose cost exceeds what is left (never
+    jumping the ranking to fit cheaper ones in); a target at its limit is passed over."""
+    picked: dict[str, list[int]] = {}
+    left = budget
+    for t, i in ranked:
+        if limits is not None and len(picked.get(t, ())) >= limits[t]:
+            continue
+        cost = _cost(report, t, budget_unit)
+        if cost > left:
+            break
+        picked.setdefault(t, []).append(i)
+        left -= cost
+    return _plan(report, picked)
+
+
 def select_random(
     report: SplittingReport,
     *,
@@ -154,15 +163,7 @@ def select_random(
     chosen = _chosen_targets(report, targets, budget_unit)
     pool = [(t, i) for t in chosen for i in range(report.eigenvalues[t].numel())]
     random.Random(_count("seed", seed)).shuffle(pool)
-    picked: dict[str, list[int]] = {}
-    left = budget
-    for t, i in pool:
-        cost = _cost(report, t, budget_unit)
-        if cost > left:
-            break
-        picked.setdefault(t, []).append(i)
-        left -= cost
-    return _plan(report, picked)
+    return _take(report, pool, budget, budget_unit)
 
 
 def select_uniform(

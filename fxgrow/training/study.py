@@ -143,11 +143,10 @@ class StudySpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StudySpec:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise StudyError(f"unknown study fields {unknown}")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except TypeError as exc:  # a field this version does not know
+            raise StudyError(f"not a study spec of this fxgrow: {exc}") from exc
 
 
 def quick_spec(data: str = "digits") -> StudySpec:
@@ -368,6 +367,19 @@ def neuron_depths(history: list[dict[str, Any]], widths: dict[str, int]) -> dict
     return {t: [depth((t, j)) for j in range(n)] for t, n in widths.items()}
 
 
+def run_depths(run_dir: str | os.PathLike) -> dict[str, list[int]] | None:
+    """:func:`neuron_depths` of a run's latest model, for the layers its first growth round
+    analysed (the base's); ``None`` before the first round."""
+    from ..passes.analysis import SplittingReport
+
+    first = Path(run_dir) / "reports" / "round0.safetensors"
+    if not first.is_file():
+        return None
+    report = SplittingReport.load(first)
+    widths = {t: report.eigenvalues[t].numel() for t in report.targets}
+    return neuron_depths(_recipe_history(Path(run_dir)), widths)
+
+
 def load_run(run_dir: str | os.PathLike) -> dict[str, Any]:
     """One run's figures: final metrics, totals, growth checks, per-epoch curves."""
     from .rundir import RunDir
@@ -510,5 +522,6 @@ def write_report(study_dir: str | os.PathLike, *, plots: bool = True) -> dict[st
 
 
 __all__ = ["CONDITIONS", "StudyError", "StudySpec", "condition_model", "dense_widths",
-           "full_spec", "load_run", "neuron_depths", "quick_spec", "run_one", "run_study",
+           "full_spec", "load_run", "neuron_depths", "quick_spec", "run_depths", "run_one",
+           "run_study",
            "study_data", "summarise", "write_report"]

@@ -12,10 +12,15 @@ from typing import Any
 _GROWN = ("splitting", "random", "uniform")
 
 
-def _figure(rows: int, cols: int, width: float, height: float):
+def _figure(rows: int, cols: int, width: float, height: float, bottom: float = 0.6):
+    # Fixed margins in inches (tight_layout costs more than drawing these figures).
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width * cols, height * rows))
+    fig = Figure(figsize=(width * cols, height * rows + bottom))
+    total = height * rows + bottom
+    fig.subplots_adjust(left=0.7 / (width * cols), right=1 - 0.2 / (width * cols),
+                        bottom=bottom / total, top=1 - 0.45 / total,
+                        hspace=0.75, wspace=0.3)
     return fig, fig.subplots(rows, cols, squeeze=False)
 
 
@@ -47,7 +52,6 @@ def learning_curves(runs: list[dict[str, Any]], path: Path) -> Path:
     for ax in axes[0]:
         ax.set_xlabel("epoch")
     axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
     fig.savefig(path, dpi=90)
     return path
 
@@ -77,7 +81,7 @@ def eigenvalues(run_dir: Path, title: str, path: Path) -> Path | None:
             ax = axes[row][col]
             values = report.eigenvalues[target].double()
             negative = (values < 0).nonzero().flatten()
-            ax.bar(negative.numpy(), (-values[negative]).numpy(), width=1.0, color="tab:red")
+            ax.vlines(negative.numpy(), 0.0, (-values[negative]).numpy(), color="tab:red")
             ax.set_xlim(-0.5, values.numel() - 0.5)
             ax.set_title(f"{file.stem}: {target}, {negative.numel()}/{values.numel()} negative",
                          fontsize=8)
@@ -85,7 +89,6 @@ def eigenvalues(run_dir: Path, title: str, path: Path) -> Path | None:
     for ax in axes[-1]:
         ax.set_xlabel("neuron")
     fig.suptitle(f"{title}: |negative eigenvalue| per neuron", fontsize=9)
-    fig.tight_layout()
     fig.savefig(path, dpi=90)
     return path
 
@@ -116,7 +119,6 @@ def eigenvalue_trend(runs: list[dict[str, Any]], path: Path) -> Path | None:
         ax.set_xlabel("epochs completed")
         ax.axhline(0.0, color="grey", linewidth=0.8)
     axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
     fig.savefig(path, dpi=90)
     return path
 
@@ -124,17 +126,13 @@ def eigenvalue_trend(runs: list[dict[str, Any]], path: Path) -> Path | None:
 def depths(run_dir: Path, title: str, path: Path) -> Path | None:
     """Depth heterogeneity of one run's final model: per layer of the base, stacked counts of
     neurons at depth 0 (never grown), 1, 2, ..."""
-    from ..passes.analysis import SplittingReport
-    from .study import _recipe_history, neuron_depths
+    from .study import run_depths
 
-    first = run_dir / "reports" / "round0.safetensors"
-    if not first.is_file():
+    per_layer = run_depths(run_dir)
+    if per_layer is None:
         return None
-    report = SplittingReport.load(first)
-    widths = {t: report.eigenvalues[t].numel() for t in report.targets}
-    per_layer = neuron_depths(_recipe_history(run_dir), widths)
     deepest = max((max(v) for v in per_layer.values() if v), default=0)
-    fig, axes = _figure(1, 1, max(6.0, 0.45 * len(widths)), 3.6)
+    fig, axes = _figure(1, 1, max(6.0, 0.45 * len(per_layer)), 3.0, bottom=1.6)
     ax = axes[0][0]
     names = list(per_layer)
     bottom = [0] * len(names)
@@ -147,7 +145,6 @@ def depths(run_dir: Path, title: str, path: Path) -> Path | None:
     ax.set_ylabel("neurons")
     ax.set_title(f"{title}: neurons per depth, per layer", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
     fig.savefig(path, dpi=90)
     return path
 
