@@ -5,8 +5,11 @@ finished run is skipped. Prints each study's report (mean ± std over seeds, pai
 differences against the splitting condition) when its runs are done.
 
 Run: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_study.py [--out /tmp/study-full]
-     [--data digits teacher] [--seeds 0 1 2]
-The two data sets can run as two processes (``--data digits`` and ``--data teacher``).
+     [--data digits teacher] [--seeds 0 1 2] [--conditions full base ...]
+The two data sets can run as two processes (``--data digits`` and ``--data teacher``); a
+part of the matrix (``--seeds``, ``--conditions``) writes a study directory of its own, whose
+run directories can be moved into the full study's ``runs/`` (``fxgrow study --report``
+then tabulates them).
 """
 
 from __future__ import annotations
@@ -25,11 +28,14 @@ def main() -> int:
     parser.add_argument("--data", nargs="+", default=["digits", "teacher"],
                         choices=("digits", "teacher"))
     parser.add_argument("--seeds", nargs="+", type=int, default=None)
+    parser.add_argument("--conditions", nargs="+", default=None, choices=study.CONDITIONS)
     args = parser.parse_args()
     for data in args.data:
         spec = study.full_spec(data)
         if args.seeds is not None:
             spec.seeds = args.seeds
+        if args.conditions is not None:
+            spec.conditions = args.conditions
         root = Path(args.out) / data
         started = time.perf_counter()
         study.run_study(spec, root, quiet=True,

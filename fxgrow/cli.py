@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--data teacher: fresh training samples per epoch")
     t.add_argument("--teacher-val-size", type=int, default=1024)
     t.add_argument("--quick", action="store_true",
-                   help="the test suite's tiny study (2 conditions, 1 seed, 4 epochs); "
+                   help="the test suite's tiny study (2 conditions, 1 seed, 3 epochs); "
                         "ignores the model and training options")
     t.add_argument("--report", default=None, metavar="STUDY_DIR",
                    help="rewrite the report and plots of STUDY_DIR without training")

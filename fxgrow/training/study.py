@@ -150,12 +150,13 @@ class StudySpec:
 
 
 def quick_spec(data: str = "digits") -> StudySpec:
-    """The test suite's study: two conditions, one seed, 4 epochs, a 2-block ViT at 8x8."""
+    """The test suite's study: two conditions, one seed, 3 epochs with growth rounds after
+    the first two, a 2-block ViT at 8x8."""
     return StudySpec(
         data=data, img_size=8, model="tiny_vit",
         model_kwargs={"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 4},
         conditions=["splitting", "random"], seeds=[0],
-        train={"epochs": 4, "batch_size": 64, "lr": 2e-3, "warmup_epochs": 0.5},
+        train={"epochs": 3, "batch_size": 128, "lr": 2e-3, "warmup_epochs": 0.5},
         schedule={"warmup_epochs": 1, "interval": 1, "end_epoch": 2,
                   "total_param_target": 24000, "layer_threshold": 2, "analysis_batches": 1},
         teacher_train_size=512, teacher_val_size=256,
@@ -208,8 +209,8 @@ def dense_widths(spec: StudySpec, num_classes: int) -> dict[str, Any]:
             widest = count_params(_reduced(model, head, 1.0))
             slope = two - one
             top = 1 + (widest - one) // slope
-            width = min(top, max(1, 1 + round((target - one) / slope)))
-            if width < top or target <= widest or head == 1.0:
+            if target <= widest or head == 1.0:
+                width = min(top, max(1, 1 + round((target - one) / slope)))
                 params = count_params(_reduced(model, head, width))
                 return {"head_dim": head, "mlp_hidden": int(width), "params": int(params),
                         "target": target}
@@ -227,8 +228,7 @@ def condition_model(spec: StudySpec, condition: str, seed: int, num_classes: int
     if condition == "full":
         return _reduced(model, 1.0, 1.0)
     if condition == "dense":
-        dense = dense or dense_widths(spec, num_classes)
-        seed_everything(seed)
+        dense = dense or dense_widths(spec, num_classes)  # leaves the RNG as seeded
         return _reduced(model, dense["head_dim"], dense["mlp_hidden"])
     return _reduced(model, spec.head_dim, spec.mlp_hidden)
 
@@ -455,8 +455,8 @@ def summarise(runs: list[dict[str, Any]], conditions: list[str]) -> dict[str, An
 def _fmt(stats: dict[str, Any], scale: float = 1.0, digits: int = 2) -> str:
     if not stats["n"]:
         return "-"
-    mean = f"{stats['mean'] / scale:.{digits}f}"
-    return mean if stats["n"] < 2 else f"{mean} ± {stats['std'] / scale:.{digits}f}"
+    mean = f"{stats['mean'] / scale:,.{digits}f}"
+    return mean if stats["n"] < 2 else f"{mean} ± {stats['std'] / scale:,.{digits}f}"
 
 
 def markdown(summary: dict[str, Any], runs: list[dict[str, Any]], spec: dict[str, Any]) -> str:
