@@ -4,7 +4,7 @@ data set in its own study directory. Resumable: rerun the same command to contin
 finished run is skipped. Prints each study's report (mean ± std over seeds, paired
 differences against the splitting condition) when its runs are done.
 
-Run: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_study.py [--out /tmp/study-full]
+Run: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_study.py [--out runs/study-full]
      [--data digits teacher] [--seeds 0 1 2] [--conditions full base ...]
 The two data sets can run as two processes (``--data digits`` and ``--data teacher``); a
 part of the matrix (``--seeds``, ``--conditions``) writes a study directory of its own, whose
@@ -24,7 +24,7 @@ from fxgrow.training import study
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="/tmp/study-full", help="parent of the study dirs")
+    parser.add_argument("--out", default="runs/study-full", help="parent of the study dirs")
     parser.add_argument("--data", nargs="+", default=["digits", "teacher"],
                         choices=("digits", "teacher"))
     parser.add_argument("--seeds", nargs="+", type=int, default=None)
