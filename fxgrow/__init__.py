@@ -16,6 +16,7 @@ from .errors import (
     PlanError,
     ReduceError,
     ScheduleError,
+    StudyError,
     TraceError,
     WidenError,
 )
@@ -73,6 +74,7 @@ __all__ = [
     "TripleScaler",
     "TripleSchedule",
     "select",
+    "StudyError",
     "why_nothing_selected",
     "SplittingReport",
     "summary",

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import (CheckpointError, ConfigError, EquivalenceError, FxgrowError, StorageError,
-                     storage_error)
+                     StudyError, storage_error)
 
 EXAMPLES = """\
 examples:
@@ -41,6 +41,20 @@ digits, embedded) or an ImageFolder root with train/ and val/ sub-directories.
 Exit codes: 0 success, 1 verification failed, 2 bad input or usage (nothing written),
 3 another rank failed or a collective timed out (distributed runs), 4 the disk refused a
 write (full, read-only, a path that is a file), 5 an internal error of fxgrow (a bug).
+"""
+
+
+STUDY_EXAMPLES = """\
+examples:
+  fxgrow study --quick --run-dir studies/quick
+  fxgrow study --data teacher --model-kwargs '{"embed_dim": 64, "depth": 4, "num_heads": 4}' \\
+      --img-size 16 --epochs 16 --lr 2e-3 --warmup 4 --interval 3 --end-epoch 13 \\
+      --param-target 175000 --layer-threshold 4 --seeds 0,1,2 --run-dir studies/teacher
+  fxgrow study --resume studies/teacher       # continue a killed study
+  fxgrow study --report studies/teacher       # rewrite report.md, report.json and plots/
+
+--data is "digits", "teacher" (random inputs labelled by a random full-width model, fresh
+samples every epoch) or an ImageFolder root. The dense condition needs --param-target.
 """
 
 
@@ -103,6 +117,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--growth-mode", choices=("paper", "fused"), default="paper")
     s.add_argument("--init-state", choices=("fresh", "parent"), default="fresh",
                    help="optimizer state of new params (parent: copied from the grown neuron)")
+    s.add_argument("--no-pack", action="store_true",
+                   help="train grown models in the exact form instead of packed (one GEMM per "
+                        "grown target; docs/packing.md)")
     p.add_argument("--run-dir", default=None, help="new run directory (refused if it exists)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue the run in RUN_DIR (all other options come from it)")
@@ -151,6 +168,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_reduce_args(p, flag=False)
     _add_train_args(p)
+
+    p = sub.add_parser("study", help="conditions x seeds on one data set (full, base, "
+                       "splitting, random, uniform, dense), resumable, with a report",
+                       epilog=STUDY_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(p)
+    _add_reduce_args(p, flag=False)
+    _add_train_args(p)
+    t = p.add_argument_group("study (--run-dir is the study directory; rerunning resumes it)")
+    t.add_argument("--conditions", default=None,
+                   help="comma-separated conditions (default: all six)")
+    t.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    t.add_argument("--teacher-train-size", type=int, default=2048,
+                   help="--data teacher: fresh training samples per epoch")
+    t.add_argument("--teacher-val-size", type=int, default=1024)
+    t.add_argument("--quick", action="store_true",
+                   help="the test suite's tiny study (2 conditions, 1 seed, 3 epochs); "
+                        "ignores the model and training options")
+    t.add_argument("--report", default=None, metavar="STUDY_DIR",
+                   help="rewrite the report and plots of STUDY_DIR without training")
 
     p = sub.add_parser("inspect", help="per-node table of a saved model and its growth")
     p.add_argument("model_dir")
@@ -509,7 +545,7 @@ def cmd_scale(args: argparse.Namespace) -> int:
     bundle, model, config = _setup(args, reduced=args.reduce)
     result = fit(model, bundle, config, str(run_dir), schedule=schedule,
                  run_config={"cli": cli}, resume=bool(args.resume), quiet=args.quiet,
-                 triple=_triple(args))
+                 triple=_triple(args), pack=not getattr(args, "no_pack", False))
     if distributed.is_main():
         print(result.summary)
         print(f"run directory: {run_dir}")
@@ -560,7 +596,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
             print(f"== {label}: {'reduce-then-grow' if grow_model else 'full width'}",
                   file=sys.stderr)
         result = fit(model, bundle, config, str(sub), schedule=schedule,
-                     run_config={"cli": cli, "compare": label}, resume=resume, quiet=args.quiet)
+                     run_config={"cli": cli, "compare": label}, resume=resume, quiet=args.quiet,
+                     pack=not getattr(args, "no_pack", False))
         # The schedule forbids growth after the last epoch: its metrics are the final model's.
         first, last = result.metrics[0], result.metrics[-1]
         rows.append({"model": f"{args.model} ({'reduce+grow' if grow_model else 'full'})",
@@ -588,6 +625,62 @@ def compare_table(rows: list[dict[str, Any]]) -> str:
             f"| {r['top1']:>5.1f} | {r['top5']:>5.1f} | {r['rounds']:>6} |"
         )
     return "\n".join(lines)
+
+
+def _study_spec(args: argparse.Namespace):
+    import dataclasses
+
+    from .training import study
+
+    if args.quick:
+        return study.quick_spec(args.data)
+    conditions = args.conditions.split(",") if args.conditions else list(study.CONDITIONS)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError as exc:
+        raise ConfigError(f"--seeds must be comma-separated integers, got {args.seeds!r}") \
+            from exc
+    train = dataclasses.asdict(_train_config(args))
+    del train["seed"]
+    schedule = {}
+    if any(c in ("splitting", "random", "uniform", "dense") for c in conditions):
+        schedule = _schedule(args).to_dict()
+        del schedule["epochs"], schedule["rule"]
+    return study.StudySpec(
+        data=args.data, img_size=args.img_size or (224 if args.data not in ("digits", "teacher")
+                                                   else 32),
+        model=args.model, model_kwargs=_model_kwargs(args.model_kwargs),
+        head_dim=args.head_dim, mlp_hidden=args.mlp_hidden, conditions=conditions,
+        seeds=seeds, train=train, schedule=schedule,
+        teacher_train_size=args.teacher_train_size, teacher_val_size=args.teacher_val_size,
+    )
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from .training import study
+
+    if args.report:
+        study.write_report(args.report)
+        print(Path(args.report, "report.md").read_text(), end="")
+        return 0
+    if args.resume:
+        root = Path(args.resume)
+        if not (root / study.SPEC_FILE).is_file():
+            raise StudyError(f"{root} is not a study directory (no {study.SPEC_FILE})")
+        spec = study.StudySpec.from_dict(json.loads((root / study.SPEC_FILE).read_text()))
+    elif args.run_dir is None:
+        raise ConfigError("give --run-dir (the study directory) or --resume STUDY_DIR")
+    else:
+        if not args.quick:
+            _check_model_args(args)
+            _check_reduce_args(args)
+            _check_image_size(args)
+        root, spec = Path(args.run_dir), _study_spec(args)
+    log = None if args.quiet else (lambda line: print(line, file=sys.stderr))
+    study.run_study(spec, root, quiet=args.quiet, log=log)
+    print((root / "report.md").read_text(), end="")
+    print(f"study directory: {root}")
+    return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -698,7 +791,8 @@ def cmd_demo_reduce(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
-    "scale": cmd_scale, "compare": cmd_compare, "inspect": cmd_inspect, "reduce": cmd_reduce,
+    "scale": cmd_scale, "compare": cmd_compare, "study": cmd_study, "inspect": cmd_inspect,
+    "reduce": cmd_reduce,
     "analyze": cmd_analyze, "grow": cmd_grow, "verify": cmd_verify,
     "demo-reduce": cmd_demo_reduce,
 }

@@ -80,6 +80,10 @@ class DeepenError(FxgrowError):
     that reads values from outside it, an unknown operator)."""
 
 
+class StudyError(FxgrowError):
+    """A study spec that cannot be run, or a study directory that holds another study."""
+
+
 class FlopCountError(FxgrowError):
     """FLOPs that cannot be counted, or two counters that disagree."""
 
@@ -109,6 +113,11 @@ class InternalError(FxgrowError):
     """An internal consistency check failed: a bug in fxgrow, please report it."""
 
     exit_code = 5
+
+
+class GrownTreeMismatch(FxgrowError):
+    """Internal to packing: a grown subgraph is not the one ``grow`` writes (edited since),
+    so it is left as it is. Caught where it is raised; never reaches a caller."""
 
 
 class ShapeQueryNeedsValues(FxgrowError):

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 import numbers
+import random
+import re
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Literal
 
 from .errors import PlanError
+from .passes.pairs import without_second_members
 from .plan import GrowthPlan
 
 if TYPE_CHECKING:
@@ -51,11 +54,17 @@ def select(
     budget_unit: Literal["neurons", "params"] = "neurons",
     per_target_limit: int | Mapping[str, int] | None = None,
     targets: Iterable[str] | None = None,
+    rule: Literal["splitting", "random", "uniform"] = "splitting",
+    seed: int = 0,
 ) -> GrowthPlan:
-    """The growth plan the paper's rule picks from ``report``.
+    """The growth plan a selection rule picks from ``report``; ``rule="splitting"`` is the
+    paper's rule, described below. The ablation rules spend the same budget differently
+    (see :func:`select_random` and :func:`select_uniform`, which ``rule`` dispatches to
+    with ``budget``, ``budget_unit``, ``targets`` and, for ``"random"``, ``seed``).
 
     1. Eligible neurons: eigenvalue strictly negative, in ``targets`` (default: every target
-       of the report).
+       of the report). The minus member of a grown pair whose plus twin is in the report is
+       never eligible: the twins are one candidate (docs/packing.md).
     2. A target with fewer eligible neurons than ``layer_threshold`` is skipped entirely.
     3. The remaining eligible neurons are ranked most negative first; ties break by the
        target's position in the report, then by neuron index.
@@ -70,19 +79,18 @@ def select(
     Returns a :class:`~fxgrow.plan.GrowthPlan` (empty when nothing qualifies, see
     :func:`why_nothing_selected`) that records each target's width.
     """
+    if rule == "random":
+        return select_random(report, budget=budget, budget_unit=budget_unit, targets=targets,
+                             seed=seed)
+    if rule == "uniform":
+        return select_uniform(report, budget=budget, budget_unit=budget_unit, targets=targets)
+    if rule != "splitting":
+        raise PlanError(f"rule must be one of {RULES}, got {rule!r}")
     budget = _count("budget", budget)
     layer_threshold = _count("layer_threshold", layer_threshold)
-    if budget_unit not in ("neurons", "params"):
-        raise PlanError(f"budget_unit must be 'neurons' or 'params', got {budget_unit!r}")
-    order = report.targets
-    if targets is None:
-        chosen = order
-    else:
-        wanted = [targets] if isinstance(targets, str) else list(targets)
-        unknown = [t for t in wanted if t not in report.eigenvalues]
-        if unknown:
-            raise PlanError(f"targets not in the report: {unknown}")
-        chosen = [t for t in order if t in set(wanted)]
+    # a pair's twins have equal splitting matrices: one candidate (docs/packing.md)
+    allowed = set(_chosen_targets(report, targets, budget_unit))
+    chosen = [t for t in without_second_members(report.targets) if t in allowed]
     limits: dict[str, float] = {}
     for t in chosen:
         if per_target_limit is None:
@@ -106,16 +114,102 @@ def select(
         candidates.extend((v, rank, i, t) for v, i in eligible)
     candidates.sort()
 
+    return _take(report, [(t, i) for _, _, i, t in candidates], budget, budget_unit, limits)
+
+
+RULES = ("splitting", "random", "uniform")
+
+# The names grow gives its new linears (passes/grow.py): ``{stem}_grow{r}_{role}``.
+_PSEUDO_LAYER = re.compile(r"_grow\d+_(plus|minus|fused)(\.weight)?$")
+
+
+def _chosen_targets(
+    report: SplittingReport, targets: Iterable[str] | None, budget_unit: str
+) -> list[str]:
+    """``targets`` (default: all) in the report's order, checked against the report."""
+    if budget_unit not in ("neurons", "params"):
+        raise PlanError(f"budget_unit must be 'neurons' or 'params', got {budget_unit!r}")
+    if targets is None:
+        return list(report.targets)
+    wanted = [targets] if isinstance(targets, str) else list(targets)
+    unknown = [t for t in wanted if t not in report.eigenvalues]
+    if unknown:
+        raise PlanError(f"targets not in the report: {unknown}")
+    return [t for t in report.targets if t in set(wanted)]
+
+
+def _plan(report: SplittingReport, picked: Mapping[str, list[int]]) -> GrowthPlan:
+    return GrowthPlan(
+        {t: v for t, v in picked.items() if v},
+        out_features={t: report.eigenvalues[t].numel() for t in picked if picked[t]},
+    )
+
+
+def _cost(report: SplittingReport, target: str, budget_unit: str) -> int:
+    return 1 if budget_unit == "neurons" else report.neuron_cost(target)
+
+
+def _take(
+    report: SplittingReport, ranked: Iterable[tuple[str, int]], budget: int, budget_unit: str,
+    limits: Mapping[str, float] | None = None,
+) -> GrowthPlan:
+    """Neurons in ``ranked`` order until the first whose cost exceeds what is left (never
+    jumping the ranking to fit cheaper ones in); a target at its limit is passed over."""
     picked: dict[str, list[int]] = {}
     left = budget
-    for _, _, i, t in candidates:
-        if len(picked.get(t, ())) >= limits[t]:
+    for t, i in ranked:
+        if limits is not None and len(picked.get(t, ())) >= limits[t]:
             continue
-        cost = 1 if budget_unit == "neurons" else report.neuron_cost(t)
+        cost = _cost(report, t, budget_unit)
         if cost > left:
             break
         picked.setdefault(t, []).append(i)
         left -= cost
-    return GrowthPlan(
-        picked, out_features={t: report.eigenvalues[t].numel() for t in picked}
-    )
+    return _plan(report, picked)
+
+
+def select_random(
+    report: SplittingReport,
+    *,
+    budget: int,
+    budget_unit: Literal["neurons", "params"] = "neurons",
+    targets: Iterable[str] | None = None,
+    seed: int = 0,
+) -> GrowthPlan:
+    """The ablation of the criterion: neurons drawn uniformly at random (a permutation of
+    every neuron of ``targets`` fixed by ``seed``), eigenvalues and the layer threshold
+    ignored, taken in that order until the budget is spent with the stopping rule of
+    :func:`select` (the first neuron that costs more than what is left ends the round)."""
+    budget = _count("budget", budget)
+    chosen = _chosen_targets(report, targets, budget_unit)
+    pool = [(t, i) for t in chosen for i in range(report.eigenvalues[t].numel())]
+    random.Random(_count("seed", seed)).shuffle(pool)
+    return _take(report, pool, budget, budget_unit)
+
+
+def select_uniform(
+    report: SplittingReport,
+    *,
+    budget: int,
+    budget_unit: Literal["neurons", "params"] = "neurons",
+    targets: Iterable[str] | None = None,
+) -> GrowthPlan:
+    """The ablation of the allocation: the same number k of neurons in every layer of the
+    model being grown (the targets that are not themselves new linears of an earlier growth),
+    k the largest the budget pays for (capped by the narrowest layer). Within a layer the
+    k most negative eigenvalues are taken, sign and layer threshold ignored (ties by
+    index), so this rule differs from the splitting rule only in how the budget is spread
+    over the layers."""
+    budget = _count("budget", budget)
+    layers = [t for t in _chosen_targets(report, targets, budget_unit)
+              if not _PSEUDO_LAYER.search(t)]
+    if not layers:
+        return GrowthPlan()
+    per_step = sum(_cost(report, t, budget_unit) for t in layers)
+    k = min(budget // per_step, min(report.eigenvalues[t].numel() for t in layers))
+    picked: dict[str, list[int]] = {}
+    for t in layers:
+        values = report.eigenvalues[t].double().cpu()
+        order = sorted(range(values.numel()), key=lambda i: (float(values[i]), i))
+        picked[t] = order[:k]
+    return _plan(report, picked)

@@ -53,6 +53,17 @@ def _splitting_analysis(texts: str, probe: dict) -> None:
     assert re.search(rf"^parameters {base:,} -> {base + new:,}$", texts, re.M)
 
 
+def _study(texts: str, probe: dict) -> None:
+    # the quick study: two grown conditions of one seed, two rounds each, all bitwise equal
+    assert "2 runs in quick: conditions ['splitting', 'random'], seeds [0]" in texts
+    assert re.findall(r"^(\w+)-seed0: 2 of 2 rounds bitwise equal", texts, re.M) == [
+        "random", "splitting"]
+    assert "eigenvalues_splitting-seed0" in texts and "depth_splitting-seed0" in texts
+    assert re.search(r"^  blocks\.\d+\.\S+\s+\{0: \d+, 1: \d+", texts, re.M)  # some grown
+    assert len(probe["checks"]) == 4
+    assert all(c["loss_equal"] and c["before"] == c["after"] for c in probe["checks"])
+
+
 # Run after a notebook's own cells: what the checks need beyond the printed text.
 PROBES = {
     "inspect_growth.ipynb": "{}",
@@ -60,9 +71,11 @@ PROBES = {
         "{'plan': {t: [int(i) for i in v] for t, v in plan.items()}, "
         "'eigenvalues': {t: v.tolist() for t, v in report.eigenvalues.items()}}"
     ),
+    "study.ipynb": "{'checks': [c for r in report['runs'] for c in r['loss_checks']]}",
 }
 EXPECTATIONS = {"inspect_growth.ipynb": _inspect_growth,
-                "splitting_analysis.ipynb": _splitting_analysis}
+                "splitting_analysis.ipynb": _splitting_analysis,
+                "study.ipynb": _study}
 
 
 def test_every_notebook_is_tested():

@@ -192,8 +192,9 @@ def test_cli_scale_runs_the_triple_schedule_with_growth(tmp_path):
     from fxgrow.training.checkpoint import latest
 
     final = fxgrow.io.read_recipe(latest(run) / "model")
-    # a run may widen, deepen and grow neurons: all three passes are in the final recipe
-    assert [r["pass"] for r in final["history"]] == ["widen", "deepen", "grow"]
+    # a run may widen, deepen and grow neurons: all three passes are in the final recipe,
+    # then the packing the scaler trains with (docs/packing.md)
+    assert [r["pass"] for r in final["history"]] == ["widen", "deepen", "grow", "pack"]
     growth = [json.loads(line) for line in (run / "growth.jsonl").read_text().splitlines()]
     assert growth and growth[-1]["loss_equal"]
 

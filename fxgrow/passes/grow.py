@@ -89,10 +89,12 @@ def grow(
     of an earlier round (nested growth). Costs: paper mode adds 2k(d+1) parameters and 2kd
     multiply-adds per token per target, fused mode k(d+1) and kd.
 
-    ``gm`` is never modified; its modules and parameters are shared with the result. The
-    result's history gains a ``"grow"`` record with the plan, ``scale``, ``mode`` and, for
-    every created module, the target it grew from, the neuron indices (row i came from
-    neuron ``indices[i]``) and its role (see :func:`grow_lineage`).
+    ``gm`` is never modified; its modules and parameters are shared with the result. A
+    packed ``gm`` (:func:`fxgrow.passes.pack`) is grown in its exact form, where growth is
+    bitwise (pack the result again to train it packed). The result's history gains a
+    ``"grow"`` record with the plan, ``scale``, ``mode`` and, for every created module, the
+    target it grew from, the neuron indices (row i came from neuron ``indices[i]``) and its
+    role (see :func:`grow_lineage`).
 
     Raises:
         PlanError: a plan that does not fit ``gm`` (checked before anything is built), an
@@ -101,6 +103,9 @@ def grow(
     if not isinstance(gm, fx.GraphModule):
         raise PlanError(f"grow expects a torch.fx.GraphModule (see fxgrow.trace), "
                         f"got {type(gm).__name__}")
+    from .pack import exact_form  # growth is exact only on the unpacked form (docs/packing.md)
+
+    gm = exact_form(gm)
     plan = plan if isinstance(plan, GrowthPlan) else GrowthPlan(plan)
     if mode not in ("paper", "fused"):
         raise PlanError(f"mode must be 'paper' or 'fused', got {mode!r}")

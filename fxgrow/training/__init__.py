@@ -1,4 +1,5 @@
-"""The training side: scaling schedules, optimizer surgery, the trainer, checkpoints, DDP, data.
+"""The training side: scaling schedules, optimizer surgery, the trainer, checkpoints, DDP, data,
+and experiment matrices (study).
 
 The graph side of fxgrow (tracing, passes, verification, plans, saving, inspection) never
 imports this package.

@@ -1,5 +1,5 @@
-"""Datasets for the trainer: scikit-learn's digits (embedded, no download) and ImageFolder
-directories with timm's transforms.
+"""Datasets for the trainer: scikit-learn's digits (embedded, no download), ImageFolder
+directories with timm's transforms, and a synthetic teacher-student task with unlimited data.
 
 Batch order is a pure function of ``(seed, epoch)`` (:class:`EpochSampler`), never of a
 generator's running state, so that a run resumed at an epoch boundary sees exactly the
@@ -10,7 +10,7 @@ same order can be sharded across processes.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,6 +128,89 @@ def image_folder(
     return DataBundle(train, val, len(train.classes), img_size, f"folder:{root}")
 
 
+class TeacherSamples(Dataset):
+    """``size`` random inputs (standard normal images) labelled by a fixed teacher model; with
+    ``fresh``, a new draw every epoch (:meth:`set_epoch`, which :func:`loader` forwards from
+    its sampler), each draw a function of ``(seed, epoch)`` only, so a resumed run sees the
+    samples an uninterrupted one would. The labels are the arg-max of the teacher's logits
+    minus ``offsets`` (per-class shifts that balance the classes)."""
+
+    def __init__(
+        self, teacher: torch.nn.Module, offsets: torch.Tensor, size: int, img_size: int,
+        seed: int, *, fresh: bool = True, channels: int = 3,
+    ) -> None:
+        if size <= 0:
+            raise DataError(f"the teacher-student sample size must be positive, got {size}")
+        self.teacher, self.offsets, self.size, self.img_size = teacher, offsets, size, img_size
+        self.seed, self.fresh, self.channels = seed, fresh, channels
+        self.epoch: int | None = None
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        epoch = epoch if self.fresh else 0
+        if epoch == self.epoch:
+            return
+        self.epoch = epoch
+        self.inputs, self.labels = _teacher_draw(self.teacher, self.offsets, self.size,
+                                                 self.img_size, self.channels,
+                                                 self.seed * 1_000_003 + epoch)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.inputs[index], self.labels[index]
+
+
+@torch.no_grad()
+def _teacher_logits(teacher: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    was_training = teacher.training
+    teacher.eval()
+    try:
+        return torch.cat([teacher(chunk) for chunk in inputs.split(512)])
+    finally:
+        teacher.train(was_training)
+
+
+def _teacher_draw(
+    teacher: torch.nn.Module, offsets: torch.Tensor | None, size: int, img_size: int,
+    channels: int, seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(size, channels, img_size, img_size, generator=generator)
+    logits = _teacher_logits(teacher, inputs)
+    if offsets is not None:
+        logits = logits - offsets
+    return inputs, logits.argmax(dim=-1)
+
+
+def teacher_student(
+    teacher: torch.nn.Module, *, num_classes: int, img_size: int, train_size: int = 2048,
+    val_size: int = 1024, seed: int = 0, name: str = "teacher",
+) -> DataBundle:
+    """A synthetic task with unlimited data: standard normal images labelled by ``teacher``
+    (a fixed, typically random, full-width model; ``num_classes`` logits). The training set
+    is a fresh draw of ``train_size`` samples every epoch, so a student's capacity, not the
+    data set's size, limits its accuracy; the validation set is one fixed draw. Class balance:
+    each class's logit is shifted by its median over a calibration draw before the arg-max.
+    All draws are functions of ``seed``. The bundle's name records ``name``, the sizes and
+    the seed (a run directory's configuration then tells the tasks apart)."""
+    if num_classes < 2:
+        raise DataError(f"the teacher-student task needs at least 2 classes, got {num_classes}")
+    if val_size <= 0:
+        raise DataError(f"val_size must be positive, got {val_size}")
+    calibration, _ = _teacher_draw(teacher, None, 4096, img_size, 3, seed * 1_000_003 - 2)
+    logits = _teacher_logits(teacher, calibration)
+    if logits.dim() != 2 or logits.shape[1] != num_classes:
+        raise DataError(f"the teacher gives logits of shape {tuple(logits.shape)}, expected "
+                        f"(batch, {num_classes})")
+    offsets = logits.median(dim=0).values
+    train = TeacherSamples(teacher, offsets, train_size, img_size, seed)
+    val = TeacherSamples(teacher, offsets, val_size, img_size, seed * 1_000_003 - 1, fresh=False)
+    return DataBundle(train, val, num_classes, img_size,
+                      f"teacher-student:{name}:train{train_size}:val{val_size}:seed{seed}")
+
+
 def load(name: str, img_size: int, *, seed: int = 0) -> DataBundle:
     """``"digits"`` or a path to an ImageFolder root."""
     if name == "digits":
@@ -143,11 +226,12 @@ class EpochSampler(Sampler[int]):
     drops the last ``size % num_replicas`` indices (DistributedSampler's ``drop_last``: with
     a DataLoader of per-rank batch ``b`` and ``drop_last``, step ``k`` of the ranks together
     sees exactly batch ``k`` of a single process with batch ``num_replicas * b``), and
-    ``"uneven"`` gives the first ranks one index more (evaluation, where sums are reduced)."""
+    ``"uneven"`` gives the first ranks one index more (evaluation, where sums are reduced).
+    ``on_epoch`` is called with the epoch by :meth:`set_epoch`."""
 
     def __init__(
         self, size: int, seed: int, *, shuffle: bool = True, num_replicas: int = 1, rank: int = 0,
-        tail: str = "pad",
+        tail: str = "pad", on_epoch: Callable[[int], None] | None = None,
     ) -> None:
         if size <= 0:
             raise DataError("cannot sample from an empty dataset")
@@ -159,10 +243,13 @@ class EpochSampler(Sampler[int]):
             raise DataError(f"{size} samples cannot be split over {num_replicas} ranks")
         self.size, self.seed, self.shuffle = size, seed, shuffle
         self.num_replicas, self.rank, self.tail = num_replicas, rank, tail
+        self.on_epoch = on_epoch
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        if self.on_epoch is not None:
+            self.on_epoch(epoch)
 
     def __len__(self) -> int:
         if self.tail == "drop":
@@ -195,8 +282,9 @@ def loader(
     processes (see :class:`EpochSampler`); ``batch_size`` is then the per-rank batch."""
     if batch_size <= 0:
         raise DataError(f"batch_size must be positive, got {batch_size}")
+    # A dataset that draws new samples per epoch (TeacherSamples) hears of each epoch too.
     sampler = EpochSampler(len(dataset), seed, shuffle=shuffle, num_replicas=num_replicas,
-                           rank=rank, tail=tail)
+                           rank=rank, tail=tail, on_epoch=getattr(dataset, "set_epoch", None))
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
         num_workers=num_workers,

@@ -8,6 +8,8 @@
                               statistics, params/FLOPs before and after, loss before and after
                               growth (and their float.hex, which must match), equivalence check
     RUN_DIR/plots/*.png       accuracy, parameters and FLOPs over epochs; eigenvalues per round
+    RUN_DIR/reports/round{r}.safetensors  the splitting report of growth round r (every
+                              neuron's eigenvalue; fxgrow.SplittingReport.load reads it)
     RUN_DIR/checkpoints/      see fxgrow.training.checkpoint
 
 The JSONL files are rewritten whole (atomically) from the run's state, so after a resume they
@@ -132,6 +134,14 @@ class RunDir:
         out = self.path / "plots" / "metrics.png"
         fig.savefig(out, dpi=100)
         plt.close(fig)
+        return out
+
+    def save_report(self, report: Any, round_index: int) -> Path:
+        """The analysis report of one growth round, every neuron's eigenvalue included
+        (growth.jsonl keeps only per-layer statistics)."""
+        out = self.path / "reports" / f"round{round_index}.safetensors"
+        out.parent.mkdir(exist_ok=True)
+        report.save(out)
         return out
 
     def plot_round(self, report: Any, round_index: int) -> Path:

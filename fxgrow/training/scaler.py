@@ -28,6 +28,12 @@ new parameters to the optimizer (:func:`fxgrow.training.optim.add_grown_params`)
 and their optimizer state are untouched, so the next step moves them exactly as it would
 have without growth (unless global gradient-norm clipping sees the new gradients).
 
+By default the grown model is returned packed (:func:`fxgrow.passes.pack`: each grown target
+one GEMM, the same parameter objects): analysis, growth and the bitwise loss check run on
+the exact form (:func:`fxgrow.passes.exact_form` of the packed model), which growth
+preserves bit for bit, and only the checked result is packed, its outputs checked against
+the exact form within float tolerance (docs/packing.md). ``pack=False`` trains the exact form.
+
 The scaler holds no random state of its own and does the same on every process. Under
 torch.distributed (docs/distributed.md) each rank passes its own shard of the analysis data:
 the scaler all-gathers the batches (:func:`fxgrow.training.distributed.gather_batches`), so every rank
@@ -51,6 +57,7 @@ import torch.fx as fx
 
 from . import distributed
 from ..errors import EquivalenceError, ScheduleError
+from ..select import RULES as _RULES
 from .optim import add_grown_params
 
 _METHODS = ("fast", "exact")
@@ -69,6 +76,9 @@ class ScalingSchedule:
     ``epochs`` (the run's length), when given, must leave at least one epoch of training
     after every growth. A parameter budget counts the parameters growth really adds: 2(d+1)
     per neuron of fan-in d in ``mode="paper"``, d+1 in ``mode="fused"``.
+    ``rule`` is the selection rule of :func:`fxgrow.select` (``"splitting"``, the paper's;
+    ``"random"`` and ``"uniform"`` spend the same budget without the criterion, seeded by
+    the scaler's seed and the round); ``layer_threshold`` applies to the splitting rule.
     """
 
     warmup_epochs: int
@@ -87,6 +97,7 @@ class ScalingSchedule:
     mode: str = "paper"
     init_state: str = "fresh"
     epochs: int | None = None
+    rule: str = "splitting"
 
     def __post_init__(self) -> None:
         for name in ("warmup_epochs", "interval", "end_epoch", "analysis_batches",
@@ -118,7 +129,7 @@ class ScalingSchedule:
             self.budget_unit = "params"
         for name, allowed in (("budget_unit", _UNITS), ("method", _METHODS),
                               ("form", _FORMS), ("mode", _MODES),
-                              ("init_state", ("fresh", "parent"))):
+                              ("init_state", ("fresh", "parent")), ("rule", _RULES)):
             if getattr(self, name) not in allowed:
                 raise ScheduleError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) \
@@ -197,6 +208,27 @@ def _eigen_stats(report: Any, target: str) -> dict[str, float | int]:
     }
 
 
+def _packed(exact: fx.GraphModule, inputs: torch.Tensor) -> fx.GraphModule:
+    """``exact`` packed, its outputs checked against the exact form's (float tolerance: the
+    packed GEMM may sum in another order)."""
+    from ..passes import pack
+
+    packed = pack(exact)
+    was_training = exact.training
+    exact.eval()
+    try:
+        with torch.no_grad():
+            want, got = exact(inputs), packed(inputs)
+    finally:
+        exact.train(was_training)
+    if not torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max())):
+        raise EquivalenceError(
+            f"the packed model differs from the exact form: max |difference| "
+            f"{float((got - want).abs().max())!r}"
+        )
+    return packed
+
+
 class Scaler:
     """Grows ``model`` on ``schedule`` inside any training loop; see the module docstring.
 
@@ -215,6 +247,7 @@ class Scaler:
         gather_analysis: under torch.distributed, all-gather the analysis batches across
             ranks (each rank gives its shard; default). ``False`` when every rank already
             passes the same global batches.
+        pack: return grown models packed for training (default) or in the exact form.
     """
 
     def __init__(
@@ -230,6 +263,7 @@ class Scaler:
         progress: bool = False,
         seed: int = 0,
         gather_analysis: bool = True,
+        pack: bool = True,
     ) -> None:
         if not isinstance(schedule, ScalingSchedule):
             raise ScheduleError(f"schedule must be a ScalingSchedule, got {type(schedule).__name__}")
@@ -243,6 +277,7 @@ class Scaler:
         self.progress = progress
         self.seed = seed
         self.gather_analysis = gather_analysis
+        self.pack = pack
         self.records: list[dict[str, Any]] = []
         self.last_report: Any = None
         self._done: list[int] = []
@@ -278,11 +313,11 @@ class Scaler:
         """Run one round now (analysis, selection, growth, checks, optimizer surgery) and
         return its record."""
         from .. import select
-        from ..passes import analyze, grow
+        from ..passes import analyze, exact_form, grow
         from ..verify import check_equivalence, count_flops, count_params
 
         schedule = self.schedule
-        old = self.model
+        old = exact_form(self.model)
         batches = self._analysis_batches()
         check = self.check_batch if self.check_batch is not None else batches[0]
         params_before = count_params(old)
@@ -306,7 +341,8 @@ class Scaler:
         # adds d+1, so a parameter budget buys twice the neurons in fused mode.
         fused_params = unit == "params" and schedule.mode == "fused"
         plan = select(report, budget=budget * 2 if fused_params else budget,
-                      layer_threshold=schedule.layer_threshold, budget_unit=unit)
+                      layer_threshold=schedule.layer_threshold, budget_unit=unit,
+                      rule=schedule.rule, seed=self.seed * 1_000_003 + len(self._done))
         distributed.check_same(plan.to_json(), f"growth plan after epoch {epoch}")
         record["plan"] = plan.to_dict()
         record["plan_size"] = {t: len(idx) for t, idx in plan.items()}
@@ -343,6 +379,9 @@ class Scaler:
         if self.flop_inputs is not None:
             record["flops_before"] = int(count_flops(old, self.flop_inputs).total)
             record["flops_after"] = int(count_flops(new, self.flop_inputs).total)
+        record["packed"] = self.pack
+        if self.pack:
+            new = _packed(new, check[0][:8])
         self.model = new
         self._finish(epoch, record)
         return record

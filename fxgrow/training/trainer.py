@@ -191,6 +191,7 @@ def fit(
     resume: bool = False,
     quiet: bool = False,
     triple: TripleSchedule | None = None,
+    pack: bool = True,
 ) -> RunResult:
     """Train ``model`` (a GraphModule with a base spec, so it can be checkpointed) on
     ``bundle``, growing it on ``schedule``, logging into the new directory ``run_dir``.
@@ -200,7 +201,8 @@ def fit(
     weights come from the checkpoint. A run killed before its first checkpoint starts
     afresh from ``model``. ``run_config`` is extra JSON the run directory records (what the
     command line was given); a resume with a different one is refused. The run directory
-    is locked for the whole call: a second writer is refused.
+    is locked for the whole call: a second writer is refused. ``pack`` trains grown models
+    packed (see :class:`fxgrow.training.scaler.Scaler`).
 
     ``triple`` runs TripLe's serialized schedule (:mod:`fxgrow.training.triple`): the model
     is widened before training and deepened after stage I, with or without growth rounds.
@@ -244,7 +246,8 @@ def fit(
     if triple is not None:
         full_config["triple"] = triple.to_dict()
     full_config = _json_roundtrip(full_config)
-    trainer = _Trainer(model, bundle, config, schedule, run_dir, run, full_config, quiet)
+    trainer = _Trainer(model, bundle, config, schedule, run_dir, run, full_config, quiet,
+                       pack=pack)
     trainer.tripler = tripler
     try:
         if resume:
@@ -263,11 +266,11 @@ class _Trainer:
 
     def __init__(self, model: fx.GraphModule, bundle: data_mod.DataBundle, config: TrainConfig,
                  schedule: ScalingSchedule | None, run_dir: str, run: RunDir | None,
-                 full_config: dict[str, Any], quiet: bool) -> None:
+                 full_config: dict[str, Any], quiet: bool, *, pack: bool = True) -> None:
         self.rank, self.world = distributed.rank_world()
         self.main = self.rank == 0
         self.model, self.config, self.schedule = model, config, schedule
-        self.run, self.full_config, self.quiet = run, full_config, quiet
+        self.run, self.full_config, self.quiet, self.pack = run, full_config, quiet, pack
         self.run_dir = run_dir  # ``run`` is None on the ranks that never write
         self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
         world, rank = self.world, self.rank
@@ -363,7 +366,7 @@ class _Trainer:
         self.scaler = Scaler(self.model, self.optimizer, self.schedule, self.analysis,
                              self.criterion, flop_inputs=self.sample,
                              progress=not self.quiet and self.main, seed=self.config.seed,
-                             gather_analysis=False)
+                             gather_analysis=False, pack=self.pack)
         if state is not None:
             self.scaler.load_state_dict(state)
 
@@ -404,6 +407,8 @@ class _Trainer:
         if len(self.scaler.records) == rounds:
             return False
         record = self.scaler.records[-1]
+        if self.main:
+            self.run.save_report(self.scaler.last_report, record["round"])
         if record.get("grown"):
             # New parameters: a new DDP wrapper (and gradient buckets) around the grown model.
             self.net = distributed.wrap(self.model, previous=self.net)

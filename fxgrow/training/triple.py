@@ -188,7 +188,7 @@ class TripleScaler:
                     ) -> tuple[fx.GraphModule, torch.optim.Optimizer, bool]:
         """Change stage after the epoch with 0-based index ``epoch``; returns the model and
         optimizer to train from now on and whether they changed."""
-        from ..passes import deepen
+        from ..passes import deepen, exact_form
 
         s = self.schedule
         done = epoch + 1
@@ -196,7 +196,8 @@ class TripleScaler:
             if self._deepens(model):
                 old = dict(model.named_parameters(remove_duplicate=True))
                 old_ids = {id(old[n]) for n in set().union(*_block_params(model))}
-                deep = deepen(model, s.depth, s.depth_operator, seed=s.seed)
+                # a model the scaler packed is deepened in its exact form (docs/packing.md)
+                deep = deepen(exact_form(model), s.depth, s.depth_operator, seed=s.seed)
                 optimizer = expand_optimizer(optimizer, model, deep, carry_state=s.carry_state)
                 self._depth_done = True
                 # the old blocks (under their new names, for inpt) stay frozen in stage II

@@ -12,6 +12,7 @@ import torch.fx as fx
 from ..._ops import is_activation
 from ...errors import AnalysisError
 from ...linears import LinearSite, linear_sites
+from ..pairs import second_members
 
 
 def _reaches_output_directly(node: fx.Node, linear_nodes: set[fx.Node]) -> bool:
@@ -62,12 +63,15 @@ def default_targets(gm: fx.GraphModule, form: str = "operator") -> list[str]:
     """The targets :func:`analyze` uses when none are given: every linear of
     :func:`fxgrow.linear_sites` except classifier heads (linears from whose output the graph
     output is reachable without passing through another linear), in graph order. For the
-    activation form, only linears whose output feeds solely an elementwise activation."""
+    activation form, only linears whose output feeds solely an elementwise activation. Of a
+    grown pair only the plus member is a target: its twin has the same splitting matrices
+    (docs/packing.md)."""
     sites = linear_sites(gm)
     linear_nodes = {s.node for ss in sites.values() for s in ss}
+    twins = second_members(gm)
     chosen = []
     for target, ss in sites.items():
-        if any(_reaches_output_directly(s.node, linear_nodes) for s in ss):
+        if target in twins or any(_reaches_output_directly(s.node, linear_nodes) for s in ss):
             continue
         if form == "activation" and not all(elementwise_activation(gm, s) for s in ss):
             continue
