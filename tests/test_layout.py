@@ -129,3 +129,21 @@ def test_every_pass_registers_its_own_replayer():
     assert replay._REPLAYERS["reduce"] is reduce.replay_reduce
     replay_source = Path(replay.__file__).read_text(encoding="utf-8")
     assert "import grow" not in replay_source and "from .grow" not in replay_source
+
+
+def test_no_private_name_crosses_modules():
+    """A name one module imports from another is public where it is defined (private modules
+    such as ``_fsio`` may be imported whole); torch's private
+    ``_get_attr`` is wrapped once (``_ops.get_attr_value``)."""
+    crossing, torch_private = [], []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        where = path.relative_to(ROOT)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level > 0 and node.module:
+                crossing += [f"{where}:{node.lineno} {a.name}" for a in node.names
+                             if a.name.startswith("_") and not a.name.startswith("__")]
+            if isinstance(node, ast.Attribute) and node.attr == "_get_attr":
+                torch_private.append(f"{where}:{node.lineno}")
+    assert crossing == []
+    assert all(w.startswith("fxgrow/_ops.py:") for w in torch_private), torch_private

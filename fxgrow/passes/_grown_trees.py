@@ -22,7 +22,7 @@ from torch import nn
 
 from ..errors import GrownTreeMismatch
 from ..linears import LinearSite, linear_site
-from .grow import Created, _next_tip, add_to_channels, created_modules
+from .grow import Created, add_to_channels, created_modules, next_write_back
 
 
 @dataclass
@@ -91,7 +91,7 @@ class _Reader:
     def linear(self, node: fx.Node, target: str, width: int) -> GrownLinear:
         linear = GrownLinear(node, target, width)
         tip = node
-        while (writeback := _next_tip(tip)) is not None:
+        while (writeback := next_write_back(tip)) is not None:
             _only_users(tip, writeback)
             linear.layers.append(self.layer(writeback, target))
             tip = writeback
@@ -169,7 +169,7 @@ def grown_trees(gm: fx.GraphModule) -> list[GrownTree]:
     created = {c.name: c for c in created_modules(gm)}
     trees = []
     for node in gm.graph.nodes:
-        if _next_tip(node) is None:
+        if next_write_back(node) is None:
             continue
         site = linear_site(gm, node)
         if site is None or site.target in created:

@@ -120,7 +120,7 @@ def grow(
     created: dict[str, dict[str, Any]] = {}
     taken: set[str] = set()
     for target, indices in plan.items():
-        stem = _stem(sites[target][0])
+        stem = module_stem(sites[target][0])
         r = _free_round(gm, stem, taken)
         names = {role: f"{stem}_grow{r}_{role}" for role in (*_ROLES, "index")}
         taken.update(names.values())
@@ -213,7 +213,7 @@ def replay_grow(gm: fx.GraphModule, record_args: Mapping[str, Any]) -> fx.GraphM
 register_replay(PASS_NAME, replay_grow)
 
 
-def _stem(site: LinearSite) -> str:
+def module_stem(site: LinearSite) -> str:
     """The name new modules derive from: the module path, or for ``F.linear`` the path of
     the weight's owner when the weight is called ``weight``."""
     if site.kind == "functional" and site.target.endswith(".weight"):
@@ -282,7 +282,7 @@ def add_to_channels(output: torch.Tensor, index: torch.Tensor, rows: torch.Tenso
     return torch.ops.aten.index_put.default(output, [*indices, index], rows, True)
 
 
-def _next_tip(node: fx.Node) -> fx.Node | None:
+def next_write_back(node: fx.Node) -> fx.Node | None:
     """The value an earlier round wrote back over ``node``, if any."""
     for user in node.users:
         if user.target is not add_to_channels or user.args[0] is not node:
@@ -296,7 +296,7 @@ def _next_tip(node: fx.Node) -> fx.Node | None:
 
 def _tip(node: fx.Node) -> fx.Node:
     """The last value of ``node`` after the write-backs of earlier rounds."""
-    while (later := _next_tip(node)) is not None:
+    while (later := next_write_back(node)) is not None:
         node = later
     return node
 

@@ -35,10 +35,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import recipes
+from .._ops import get_attr_value
 from ..errors import CheckpointError, PlanError
 from ._grown_trees import GrownLinear, GrownTree, PseudoLayer, erase_unused, grown_trees
 from ._rebuild import build_graph_module
-from .grow import _stem
+from .grow import module_stem
 from .replay import register_replay
 
 PACK_PASS = "pack"
@@ -226,7 +227,7 @@ def _pack_tree(gm: fx.GraphModule, graph: fx.Graph, tree: GrownTree,
     columns: list[list[GrownLinear]] = [[tree.root]]
     level_args: list[tuple[int, int, str]] = []
     device = site.weight.device
-    stem = _stem(site)
+    stem = module_stem(site)
     for depth, entries in enumerate(levels):
         order = _layout([(layer, layer.members) for _, layer in entries])
         for start, member in _running(order):
@@ -286,7 +287,7 @@ def _fold_tree(gm: fx.GraphModule, graph: fx.Graph, tree: GrownTree,
     site = tree.site
     name = names.get(site.target)
     if name is None:
-        name = names[site.target] = _free_name(gm, f"{_stem(site)}_folded", new_attrs)
+        name = names[site.target] = _free_name(gm, f"{module_stem(site)}_folded", new_attrs)
     levels = tree.levels()
     with torch.no_grad():
         root_bias = site.bias(gm)
@@ -349,7 +350,7 @@ def _free_name(gm: fx.GraphModule, name: str, taken: dict[str, Any]) -> str:
 
 def _has(gm: fx.GraphModule, qualname: str) -> bool:
     try:
-        fx.graph_module._get_attr(gm, qualname)
+        get_attr_value(gm, qualname)
     except (AttributeError, AssertionError):
         return False
     return True

@@ -443,7 +443,7 @@ def set_layer_norm_shape(node: fx.Node, shape: tuple[int, ...]) -> None:
         node.args = tuple(args)
 
 
-def _clone_module(module: nn.Module, tensors: Mapping[str, torch.Tensor], attrs: Mapping[str, Any]) -> nn.Module:
+def clone_module(module: nn.Module, tensors: Mapping[str, torch.Tensor], attrs: Mapping[str, Any]) -> nn.Module:
     new = copy.copy(module)
     new._parameters = module._parameters.copy()
     new._buffers = module._buffers.copy()
@@ -577,7 +577,7 @@ def _sliced_linears(gm: fx.GraphModule, rows: Mapping[str, torch.Tensor],
             tensors = {"weight": weight}
             if module.bias is not None and row is not None:
                 tensors["bias"] = _slice(module.bias, [row])
-            new_attrs[target] = _clone_module(module, tensors, {
+            new_attrs[target] = clone_module(module, tensors, {
                 "in_features": weight.shape[1], "out_features": weight.shape[0]})
         else:
             stored = get_attr_value(gm, site.weight_node.target)
@@ -620,7 +620,7 @@ def _sliced_parameters(gm: fx.GraphModule, analysis: WidthAnalysis,
         else:
             raise ReduceError(f"module {owner!r} ({type(module).__name__}) holds channels that "
                               f"are narrowed but fxgrow does not know how to slice it")
-        new_attrs[owner] = _clone_module(module, tensors, attrs)
+        new_attrs[owner] = clone_module(module, tensors, attrs)
     return new_attrs
 
 

@@ -49,16 +49,16 @@ from ._rebuild import build_graph_module
 from .expansion import ParamSource, set_expansion_map
 from .replay import register_replay
 from .residual import residual_chain
-from .reduce import _clone_module, set_layer_norm_shape
-from .width_groups import (ChannelLabels, WidthAnalysis, _Labeller, _label_classes, analyse,
-                           compact, synthesise_inputs)
+from .reduce import clone_module, set_layer_norm_shape
+from .width_groups import (ChannelLabeller, ChannelLabels, WidthAnalysis, analyse, compact,
+                           label_classes, synthesise_inputs)
 
 PASS_NAME = "widen"
 OPERATORS = ("st", "b2b", "pad0")
 HEADS = ("follow", "keep")
 
 
-class _StreamLabeller(_Labeller):
+class _StreamLabeller(ChannelLabeller):
     """The width labeller with the patch embedding's output and all parameters as channels,
     so that the residual stream's channels are united instead of tied."""
 
@@ -121,7 +121,7 @@ def _stream(gm: fx.GraphModule, example: Sequence[Any]) -> _Stream:
             except Exception as exc:
                 raise WidenError(f"the graph does not run on the example inputs: "
                                  f"{type(exc).__name__}: {exc}") from exc
-    class_of = _label_classes(labeller)[0]
+    class_of = label_classes(labeller)[0]
     lab = labeller.labels.get(chain[1].name)
     if not isinstance(lab, ChannelLabels):
         raise WidenError(f"the residual stream at node {chain[1].name!r} could not be followed "
@@ -645,7 +645,7 @@ def _install(gm: fx.GraphModule, new_params: Mapping[str, tuple[torch.Tensor, Pa
         else:
             raise WidenError(f"module {owner!r} ({type(module).__name__}) holds residual "
                              f"channels but widen does not know how to resize it")
-        new_attrs[owner] = _clone_module(module, tensors, attrs)
+        new_attrs[owner] = clone_module(module, tensors, attrs)
     return new_attrs, sources
 
 

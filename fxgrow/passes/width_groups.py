@@ -158,7 +158,7 @@ class WidthAnalysis:
     group_of_node: dict[str, int]
 
 
-class _Labeller(fx.Interpreter):
+class ChannelLabeller(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, on_meta: bool):
         super().__init__(gm)
         self.on_meta = on_meta  # real values only matter for their shapes and sizes
@@ -831,7 +831,7 @@ def _hash_lines(node_index: int, lines: torch.Tensor) -> torch.Tensor:
 def analyse(gm: fx.GraphModule, example_inputs: Sequence[Any] | None = None) -> WidthAnalysis:
     """Run the labelled interpretation of ``gm`` and build its width groups."""
     labeller = _labelled_run(gm, example_inputs)
-    class_of, tie_of = _label_classes(labeller)
+    class_of, tie_of = label_classes(labeller)
     reasons = [reason for _, reason in labeller.ties]
     node_index = {n.name: i for i, n in enumerate(gm.graph.nodes)}
     producers_by_node = {node: target for target, nodes in labeller.producer_nodes.items()
@@ -865,7 +865,7 @@ def analyse(gm: fx.GraphModule, example_inputs: Sequence[Any] | None = None) -> 
                          labeller.ranges, labeller.consumers, labeller.logits, group_of_node)
 
 
-def _labelled_run(gm: fx.GraphModule, example_inputs: Sequence[Any] | None) -> _Labeller:
+def _labelled_run(gm: fx.GraphModule, example_inputs: Sequence[Any] | None) -> ChannelLabeller:
     """The labeller after one run of ``gm``: on the meta device where the graph allows it,
     else on the real example inputs."""
     if example_inputs is None:
@@ -874,13 +874,13 @@ def _labelled_run(gm: fx.GraphModule, example_inputs: Sequence[Any] | None) -> _
         example_inputs = (example_inputs,)
     with torch.no_grad():
         try:  # shapes on the meta device cost nothing; some graphs need real values
-            labeller = _Labeller(gm, on_meta=True)
+            labeller = ChannelLabeller(gm, on_meta=True)
             labeller.run(*[x.to("meta") if isinstance(x, torch.Tensor) else x
                            for x in example_inputs])
         except ReduceError:
             raise
         except Exception:
-            labeller = _Labeller(gm, on_meta=False)
+            labeller = ChannelLabeller(gm, on_meta=False)
             try:
                 labeller.run(*example_inputs)
             except ReduceError:
@@ -891,7 +891,7 @@ def _labelled_run(gm: fx.GraphModule, example_inputs: Sequence[Any] | None) -> _
     return labeller
 
 
-def _label_classes(labeller: _Labeller) -> tuple[np.ndarray, np.ndarray]:
+def label_classes(labeller: ChannelLabeller) -> tuple[np.ndarray, np.ndarray]:
     """Per label id its class (ids coupled by some op share one), and per class the index
     of the first tie that holds it (-1 if none does)."""
     n_ids = labeller.next_id
@@ -911,7 +911,7 @@ def _label_classes(labeller: _Labeller) -> tuple[np.ndarray, np.ndarray]:
     return class_of, tie_of
 
 
-def _channel_components(labeller: _Labeller, node_index: dict[str, int]) -> list[set[str]]:
+def _channel_components(labeller: ChannelLabeller, node_index: dict[str, int]) -> list[set[str]]:
     """The nodes carrying linear channels, in connected components of the edges the run
     recorded, ordered by their first node in the graph."""
     graph = nx.Graph()
@@ -925,7 +925,7 @@ def _channel_components(labeller: _Labeller, node_index: dict[str, int]) -> list
 
 
 def _segments(
-    labeller: _Labeller, component: set[str], class_of: np.ndarray, unit_ids: np.ndarray,
+    labeller: ChannelLabeller, component: set[str], class_of: np.ndarray, unit_ids: np.ndarray,
     node_index: dict[str, int],
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """The classes of a group's producer channels, and those classes split into segments:

@@ -33,6 +33,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .._ops import get_attr_value
 from ..errors import ConfigError, OptimizerError
 from ..linears import linear_sites
 
@@ -106,7 +107,7 @@ def _parent_params(gm: fx.GraphModule, target: str) -> tuple[nn.Parameter, list[
                 continue
             seen.add(node)
             if node.op == "get_attr":
-                value = fx.graph_module._get_attr(gm, node.target)
+                value = get_attr_value(gm, node.target)
                 if isinstance(value, nn.Parameter):
                     bias_params.append(value)
             stack.extend(node.all_input_nodes)
