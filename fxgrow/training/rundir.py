@@ -109,6 +109,20 @@ class RunDir:
     def write_growth(self, records: list[dict[str, Any]]) -> None:
         _fsio.atomic_write(self.path / "growth.jsonl", "".join(json.dumps(r) + "\n" for r in records))
 
+    def read_jsonl(self, name: str) -> list[dict[str, Any]]:
+        """The records of ``metrics.jsonl`` or ``growth.jsonl`` (none if the file is absent)."""
+        path = self.path / name
+        if not path.is_file():
+            return []
+        try:
+            records = [json.loads(line) for line in
+                       path.read_text(encoding="utf-8").splitlines() if line]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{path} is unreadable: {exc}") from exc
+        if not all(isinstance(r, dict) for r in records):
+            raise CheckpointError(f"{path} holds a line that is not a JSON object")
+        return records
+
     def plot_metrics(self, metrics: list[dict[str, Any]], growth_epochs: list[int]) -> Path:
         """Accuracy, parameters and FLOPs over epochs, growth rounds marked."""
         import matplotlib
