@@ -35,7 +35,7 @@ from torch import nn
 
 from .._ops import get_attr_value
 from ..errors import ConfigError, OptimizerError
-from ..linears import linear_sites
+from ..linears import ancestors, linear_sites
 
 #: d(new neuron's output)/d(parent output) at growth: 1 + GeLU'(0).
 GRADIENT_RATIO = 1.5
@@ -99,18 +99,11 @@ def _parent_params(gm: fx.GraphModule, target: str) -> tuple[nn.Parameter, list[
         return site.weight, [bias] if bias is not None else []
     bias_params: list[nn.Parameter] = []
     if site.bias_node is not None:
-        seen: set[fx.Node] = set()
-        stack = [site.bias_node]
-        while stack:
-            node = stack.pop()
-            if node in seen:
-                continue
-            seen.add(node)
+        for node in ancestors(site.bias_node):
             if node.op == "get_attr":
                 value = get_attr_value(gm, node.target)
                 if isinstance(value, nn.Parameter):
                     bias_params.append(value)
-            stack.extend(node.all_input_nodes)
     return site.weight, bias_params
 
 
