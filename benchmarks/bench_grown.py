@@ -13,9 +13,12 @@ would.
 Per model and form: parameters, GFLOPs (fvcore, batch 1), graph nodes, the training step
 (forward and backward of cross-entropy) and inference (no grad) in eager mode and under
 ``torch.compile``, for each thread count, and the peak memory of one training step
-(parameters plus the process's peak resident growth during the step, glibc's mmap threshold
-fixed so freed buffers are returned). Every figure is a ratio to DeiT-S measured in the same
-run; models are timed interleaved (one repetition of each in turn), taking each one's
+(parameters plus the process's peak resident growth during the step). Memory is measured in
+a child process whose glibc mmap threshold is fixed, so that freed buffers are returned and
+the peak of a step is that step's own; times are measured in this process with the default
+allocator, as users run it (a fixed threshold turns every large buffer into a fresh mmap
+and its page faults, which charges a model per allocation: that made the packed step look
+12% slower). Every figure is a ratio to DeiT-S measured in the same run; models are timed interleaved (one repetition of each in turn), taking each one's
 fastest repetition, so the load of a shared machine weighs on all alike. Times are given
 twice: wall clock, and the process's CPU time, which other jobs' load barely moves (with
 several threads it sums their CPU time, spin-waits included).
@@ -28,8 +31,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import random
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -85,6 +90,51 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def build_models(args: argparse.Namespace) -> dict[str, fx.GraphModule]:
+    exact = grow_like_the_paper(deit_small_reduced(num_classes=100), int(args.target_params),
+                                args.rounds, args.seed)
+    return {"DeiT-S": deit_small(100), "reduced base": deit_small_reduced(num_classes=100),
+            "grown exact": exact, "grown packed": pack(exact), "grown folded": fold(exact)}
+
+
+def batch(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(size, 3, 224, 224), torch.randint(0, 100, (size,))
+
+
+def train_step(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor
+               ) -> Callable[[], None]:
+    params = list(model.parameters())
+
+    def step() -> None:
+        F.cross_entropy(model(x), labels).backward()
+        for p in params:
+            p.grad = None
+    return step
+
+
+def peak_memory(models: dict[str, fx.GraphModule], size: int) -> dict[str, int]:
+    """Peak bytes of one eager training step per trainable model (run in the child)."""
+    x, labels = batch(size)
+    peaks = {}
+    for name, model in models.items():
+        if name == "grown folded":
+            continue
+        model.train()
+        step = train_step(model, x, labels)
+        step()  # warm-up: the first step allocates what later steps reuse
+        peaks[name] = peak_step_bytes(step, model)
+    return peaks
+
+
+def memory_in_child() -> dict[str, int]:
+    """:func:`peak_memory` in a child process with a fixed mmap threshold (see the module
+    docstring), the same models rebuilt from the same arguments."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, *sys.argv, "--memory-child"], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def peak_step_bytes(step: Callable[[], None], model: fx.GraphModule) -> int:
     """Parameter bytes plus the peak resident growth while ``step`` runs."""
     gc.collect()
@@ -107,40 +157,27 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--target-params", type=float, default=19.4e6)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
-        # a fixed threshold: large buffers are mmapped and returned when freed, so the peak
-        # resident size of one step is that step's own
-        os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
-        os.execv(sys.executable, [sys.executable, *sys.argv])
     threads = [int(t) for t in args.threads.split(",")]
     torch.manual_seed(args.seed)
 
     started = time.perf_counter()
-    dense = deit_small(100)
-    base = deit_small_reduced(num_classes=100)
-    exact = grow_like_the_paper(base, int(args.target_params), args.rounds, args.seed)
-    models = {"DeiT-S": dense, "reduced base": base, "grown exact": exact,
-              "grown packed": pack(exact), "grown folded": fold(exact)}
+    models = build_models(args)
+    if args.memory_child:
+        print(json.dumps(peak_memory(models, args.batch)))
+        return
     print(f"built and grown in {time.perf_counter() - started:.0f} s "
           f"(torch {torch.__version__}, batch {args.batch} at 224)", flush=True)
     trainable = [n for n in models if n != "grown folded"]  # fold is for inference
 
-    x = torch.randn(args.batch, 3, 224, 224)
-    labels = torch.randint(0, 100, (args.batch,))
+    x, labels = batch(args.batch)
     one = torch.randn(1, 3, 224, 224)
     static = {}
     for name, model in models.items():
         static[name] = dict(params=count_params(model), flops=count_flops(model.eval(), one).total,
                             nodes=len(model.graph.nodes))
     forms: dict[str, dict[str, Callable[[], None]]] = {}
-
-    def train_step(model: torch.nn.Module, params: list[torch.nn.Parameter]) -> Callable[[], None]:
-        def step() -> None:
-            F.cross_entropy(model(x), labels).backward()
-            for p in params:
-                p.grad = None
-        return step
 
     def infer(model: torch.nn.Module) -> Callable[[], None]:
         def run() -> None:
@@ -151,15 +188,14 @@ def main() -> None:
     compile_seconds: dict[str, float] = {}
     for name in models:
         model = models[name]
-        params = list(model.parameters())
         if name in trainable:
-            forms.setdefault("train eager", {})[name] = train_step(model, params)
+            forms.setdefault("train eager", {})[name] = train_step(model, x, labels)
         forms.setdefault("inference eager", {})[name] = infer(model)
         if args.no_compile or (name in ("reduced base", "grown exact") and not args.compile_all):
             continue
         if name in trainable:
             compiled = torch.compile(model.train())
-            step = train_step(compiled, params)
+            step = train_step(compiled, x, labels)
             t0 = time.perf_counter()
             step()
             compile_seconds[f"{name} train"] = time.perf_counter() - t0
@@ -174,7 +210,7 @@ def main() -> None:
               f"{compile_seconds[f'{name} inference']:.0f} s inference", flush=True)
 
     times: dict[tuple[str, str, int], dict[str, float]] = {}  # (clock, kind, threads)
-    memory: dict[str, int] = {}
+    memory = memory_in_child()
     for n_threads in threads:
         torch.set_num_threads(n_threads)
         for kind, runs in forms.items():
@@ -194,10 +230,6 @@ def main() -> None:
             times[("wall", kind, n_threads)], times[("cpu", kind, n_threads)] = wall, cpu
             print(f"{kind}, {n_threads} thread(s), wall (cpu): "
                   + ", ".join(f"{n} {wall[n]:.2f} s ({cpu[n]:.2f} s)" for n in runs), flush=True)
-        if n_threads == threads[0]:
-            for name, run in forms["train eager"].items():
-                models[name].train()
-                memory[name] = peak_step_bytes(run, models[name])
 
     for clock in ("wall", "cpu"):
         print(f"\n{clock} time" + (" (process CPU seconds: robust to other jobs' load; with"

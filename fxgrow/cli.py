@@ -118,8 +118,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--init-state", choices=("fresh", "parent"), default="fresh",
                    help="optimizer state of new params (parent: copied from the grown neuron)")
     s.add_argument("--no-pack", action="store_true",
-                   help="train grown models in the exact form instead of packed (one GEMM per "
-                        "grown target; docs/packing.md)")
+                   help="train grown models in the exact form instead of packed (two GEMMs "
+                        "per grown target; docs/packing.md)")
     p.add_argument("--run-dir", default=None, help="new run directory (refused if it exists)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue the run in RUN_DIR (all other options come from it)")

@@ -211,3 +211,42 @@ def test_scaler_trains_packed_and_keeps_the_bitwise_loss_check(packed):
     assert {id(p) for p in gm.parameters()} == held
     nested = [t for r in grown[1:] for t in r["plan"]["neurons"] if "_grow" in t]
     assert not any(t.endswith("_minus") for t in nested)  # a pair is one candidate
+
+
+def _as_operator(out, pre, widths, pairs, *indices):
+    """packed_levels as torch.compile sees it: the fxgrow::packed_levels operator."""
+    return torch.ops.fxgrow.packed_levels(out, pre, list(widths), [p for p, _ in pairs],
+                                          [s for _, s in pairs], list(indices))
+
+
+@pytest.mark.parametrize("form", ["eager", "operator"])
+def test_packed_levels_kernel_matches_its_out_of_place_form(form):
+    """The eager kernel (in place, hand-written backward) and the operators torch.compile
+    calls, against the same computation in out-of-place operators, whose backward autograd
+    derives, in float64: two levels, a level of pairs and single members, channels written
+    by more than one pseudo-layer."""
+    from fxgrow.passes.pack import levels_out_of_place, packed_levels
+
+    kernel = packed_levels if form == "eager" else _as_operator
+
+    generator = torch.Generator().manual_seed(0)
+    widths, pairs = (2 * 3 + 2, 2), ((3, 2), (0, 2))  # level 1: 3 pair columns + 2 singles
+    indices = (torch.tensor([4, 0, 4, 1, 2]), torch.tensor([6, 6]))
+
+    def inputs():
+        out = torch.randn(2, 3, 5, generator=generator, dtype=torch.float64)
+        pre = torch.randn(2, 3, sum(widths), generator=generator, dtype=torch.float64)
+        return out.requires_grad_(), pre.requires_grad_()
+
+    out, pre = inputs()
+    # in place on a fresh non-leaf, as packed_levels always receives a linear's output
+    got = kernel(out * 1, pre * 1, widths, pairs, *indices)
+    want = levels_out_of_place(out, pre, widths, pairs, *indices)
+    assert torch.allclose(got, want, rtol=0, atol=1e-14)
+    weights = torch.randn(want.shape, generator=generator, dtype=torch.float64)
+    grads_got = torch.autograd.grad((got * weights).sum(), (out, pre))
+    grads_want = torch.autograd.grad((want * weights).sum(), (out, pre))
+    for g, w in zip(grads_got, grads_want):
+        assert torch.allclose(g, w, rtol=0, atol=1e-13)
+    assert torch.autograd.gradcheck(
+        lambda o, p: kernel(o * 1, p * 1, widths, pairs, *indices), inputs())

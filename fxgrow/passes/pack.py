@@ -1,31 +1,33 @@
-"""Grown targets as one GEMM each: ``pack`` for training, ``fold`` for inference (docs/packing.md).
+"""Grown targets as two GEMMs each: ``pack`` for training, ``fold`` for inference
+(docs/packing.md).
 
-Every pseudo-layer of a grown target, at any depth, reads the target's own input x. So the
-target's output and every member's pre-activation are column blocks of one product
-``x [W; W_1; ...; W_n]^T + [b; b_1; ...; b_n]``, laid out by depth. What is left per depth
-level is elementwise: the pair sums (all plus columns of the level against all minus
-columns), ``gelu(a) + a``, and one ``index_put`` that adds the level's rows into the channels
-of the level above; the last one writes into the target's own output channels.
+Every pseudo-layer of a grown target, at any depth, reads the target's own input x. So every
+member's pre-activation is a column block of one product ``x [W_1; ...; W_n]^T + [b_1; ...;
+b_n]``, laid out by depth, beside the target's own linear, which is left as it is. What is
+left per depth level is elementwise (:func:`packed_levels`, one node per target): the pair
+sums (all plus columns of the level against all minus columns), ``gelu(a) + a``, and one
+``index_add`` of the level's rows into the channels of the level above; the last one writes
+into the target's own output channels.
 
 - :func:`pack` keeps the parameters ``grow`` created, the very ``nn.Parameter`` objects
   under the same state_dict keys (the stacked weight is a ``torch.cat`` of them inside the
   graph, so each receives its gradient), so an optimizer, a checkpoint and
   :func:`fxgrow.passes.grow_lineage` stay valid. It computes the same function as the
   exact form within float rounding, not bitwise: one GEMM over more rows may sum in another
-  order than the separate GEMMs did. Growth therefore always runs on the exact form
+  order than the separate GEMMs did, and the pair sums are formed in another order. Growth therefore always runs on the exact form
   (:func:`fxgrow.passes.grow` unpacks a packed input first), where it is bitwise
   function-preserving by construction, and the result is packed again after the check.
 - :func:`unpack` returns the exact form a packed model was made from (the graph is kept
   with the packed model), sharing every module and parameter.
 - :func:`fold` is for inference after training: each pair's members become one row block
-  ``W+ + W-`` (nested growth of either member writes into it), and the target's rows and all
-  of its blocks one ``nn.Linear``. The result holds new weights, so it is not for training.
+  ``W+ + W-`` (nested growth of either member writes into it), and all of a target's blocks
+  one ``nn.Linear`` beside the target's own. The folded weights are new, so it is not for
+  training.
 """
 
 from __future__ import annotations
 
 import copy
-import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -47,28 +49,177 @@ FOLD_PASS = "fold"
 _EXACT_GRAPH = "fxgrow.exact_graph"  # gm.meta key: the graph a packed model was made from
 
 
-class _AddToColumns(torch.autograd.Function):
-    """``output`` with ``rows`` added to its last-dim channels ``index``, saving only the
-    index for backward. ``index_add`` alone would also keep ``rows`` alive until backward;
-    ``index_put(accumulate=True)`` (what ``grow`` writes, for its exact gradient layout) is
-    several times slower on the CPU."""
+Pairs = tuple[tuple[int, int], ...]  # per level: (pair width, single width)
+
+
+def _pair_sums(block: torch.Tensor, pair_width: int, single_width: int) -> torch.Tensor:
+    """``a`` of one level: pair sums (first members' columns plus second members') and then
+    the single members' columns as they are."""
+    if not pair_width:
+        return block
+    sums = block[..., :pair_width] + block[..., pair_width:2 * pair_width]
+    return torch.cat([sums, block[..., 2 * pair_width:]], -1) if single_width else sums
+
+
+def _levels_forward(out: torch.Tensor | None, pre: torch.Tensor, widths: Sequence[int],
+                    pairs: Pairs, indices: Sequence[torch.Tensor], *, in_place: bool
+                    ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """From the deepest level up: each level's ``a``, ``gelu(a) + a`` added into the level
+    above, the last into ``out`` (in place or not). Returns the result (``None`` if ``out``
+    is) and every level's ``a``, shallowest first."""
+    blocks = pre.split(list(widths), -1)
+    current = blocks[-1]
+    sums = []
+    for depth in range(len(widths), 0, -1):
+        a = _pair_sums(current, *pairs[depth - 1])
+        sums.append(a)
+        if depth == 1 and out is None:
+            break
+        rows = F.gelu(a) + a
+        if depth > 1:
+            current = blocks[depth - 2].index_add(-1, indices[depth - 1], rows)
+        elif in_place:
+            out.index_add_(-1, indices[0], rows)
+        else:
+            out = out.index_add(-1, indices[0], rows)
+    return out, sums[::-1]
+
+
+def _levels_backward(grad: torch.Tensor, sums: Sequence[torch.Tensor], widths: Sequence[int],
+                     pairs: Pairs, indices: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The gradient of ``pre`` (``out``'s is ``grad`` itself), each level's written straight
+    into one buffer laid out like ``pre``: nothing is concatenated."""
+    grad_pre = grad.new_empty((*grad.shape[:-1], sum(widths)))
+    above = grad
+    for depth, block in enumerate(grad_pre.split(list(widths), -1)):
+        grad_rows = above.index_select(-1, indices[depth])
+        grad_a = torch.ops.aten.gelu_backward(grad_rows, sums[depth]) + grad_rows
+        pair_width, _ = pairs[depth]
+        if pair_width:  # both members of a pair receive the pair sum's gradient
+            block[..., :pair_width].copy_(grad_a[..., :pair_width])
+            block[..., pair_width:2 * pair_width].copy_(grad_a[..., :pair_width])
+            block[..., 2 * pair_width:].copy_(grad_a[..., pair_width:])
+        else:
+            block.copy_(grad_a)
+        above = block
+    return grad_pre
+
+
+class _LevelsFunction(torch.autograd.Function):
+    """Eager :func:`packed_levels`: the last write-back goes into ``out`` in place (a linear's
+    output, which no backward reads), so it is not cloned; only each level's ``a`` (for the
+    GeLU) and the indices are saved."""
 
     @staticmethod
-    def forward(ctx: Any, output: torch.Tensor, index: torch.Tensor,
-                rows: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(index)
-        return output.index_add(-1, index, rows)
+    def forward(ctx: Any, out: torch.Tensor, pre: torch.Tensor, widths: tuple[int, ...],
+                pairs: Pairs, *indices: torch.Tensor) -> torch.Tensor:
+        out, sums = _levels_forward(out, pre, widths, pairs, indices, in_place=True)
+        ctx.mark_dirty(out)
+        ctx.save_for_backward(*indices, *sums)
+        ctx.widths, ctx.pairs = widths, pairs
+        return out
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, torch.Tensor]:
-        (index,) = ctx.saved_tensors
-        return grad, None, grad.index_select(-1, index)
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        levels = len(ctx.widths)
+        indices, sums = ctx.saved_tensors[:levels], ctx.saved_tensors[levels:]
+        grad_pre = _levels_backward(grad, sums, ctx.widths, ctx.pairs, indices)
+        return (grad, grad_pre, None, None, *([None] * levels))
 
 
-def add_to_columns(output: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``result[..., index[i]] = output[..., index[i]] + rows[..., i]`` (out of place,
-    repeated indices summed): the write-back of one depth level of a packed target."""
-    return _AddToColumns.apply(output, index, rows)
+# Under torch.compile the levels are two opaque operators with the eager kernels inside:
+# traced into inductor, every target's levels (each of its own widths) became kernels of
+# their own, each compiled by the C++ compiler, and compiling took ten times the dense model's.
+@torch.library.custom_op("fxgrow::packed_levels", mutates_args=())
+def _levels_op(out: torch.Tensor, pre: torch.Tensor, widths: list[int], pair_widths: list[int],
+               single_widths: list[int], indices: list[torch.Tensor]) -> torch.Tensor:
+    pairs = tuple(zip(pair_widths, single_widths))
+    return _levels_forward(out, pre, widths, pairs, indices, in_place=False)[0]
+
+
+@torch.library.custom_op("fxgrow::packed_levels_backward", mutates_args=())
+def _levels_backward_op(grad: torch.Tensor, pre: torch.Tensor, widths: list[int],
+                        pair_widths: list[int], single_widths: list[int],
+                        indices: list[torch.Tensor]) -> torch.Tensor:
+    pairs = tuple(zip(pair_widths, single_widths))
+    sums = _levels_forward(None, pre, widths, pairs, indices, in_place=False)[1]
+    return _levels_backward(grad, sums, widths, pairs, indices)
+
+
+@_levels_op.register_fake
+def _levels_op_fake(out, pre, widths, pair_widths, single_widths, indices):
+    return torch.empty_like(out)
+
+
+@_levels_backward_op.register_fake
+def _levels_backward_op_fake(grad, pre, widths, pair_widths, single_widths, indices):
+    return torch.empty_like(pre)
+
+
+def _levels_op_setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    _, pre, *ctx.layout, indices = inputs
+    ctx.save_for_backward(pre, *indices)
+
+
+def _levels_op_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    pre, *indices = ctx.saved_tensors
+    grad_pre = _levels_backward_op(grad, pre, *ctx.layout, indices)
+    return grad, grad_pre, None, None, None, [None] * len(indices)
+
+
+_levels_op.register_autograd(_levels_op_backward, setup_context=_levels_op_setup)
+
+
+@torch.library.custom_op("fxgrow::stack_rows", mutates_args=())
+def _stack_rows_op(parts: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(parts)
+
+
+@_stack_rows_op.register_fake
+def _stack_rows_op_fake(parts):
+    return parts[0].new_empty((sum(p.shape[0] for p in parts), *parts[0].shape[1:]))
+
+
+def _stack_rows_op_setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    ctx.rows = [p.shape[0] for p in inputs[0]]
+
+
+def _stack_rows_op_backward(ctx: Any, grad: torch.Tensor) -> tuple[list[torch.Tensor]]:
+    return (list(grad.split(ctx.rows)),)
+
+
+_stack_rows_op.register_autograd(_stack_rows_op_backward, setup_context=_stack_rows_op_setup)
+
+
+def stack_rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(parts)``: a packed target's member weights (or biases) stacked for its one
+    GEMM. Under torch.compile an opaque fxgrow operator: inductor would compile a kernel of
+    its own for every target's concatenation, each of other shapes."""
+    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+        return _stack_rows_op(parts)
+    return torch.cat(parts)
+
+
+def packed_levels(out: torch.Tensor, pre: torch.Tensor, widths: tuple[int, ...],
+                  pairs: Pairs, *indices: torch.Tensor) -> torch.Tensor:
+    """``out`` (a grown target's own output) with every level of its members written back:
+    ``pre`` holds the members' pre-activations, level by level (``widths``), each level
+    ``pairs[L] = (pair width, single width)`` laid out as docs/packing.md says and written
+    into the channels ``indices[L]`` of the level above. Eager, this writes into ``out``.
+    torch.export sees plain aten operators (a portable program); torch.compile sees two
+    opaque fxgrow operators, the eager kernels, whatever the widths."""
+    if torch.compiler.is_exporting():
+        return levels_out_of_place(out, pre, widths, pairs, *indices)
+    if torch.compiler.is_compiling():
+        return _levels_op(out, pre, list(widths), [p for p, _ in pairs], [s for _, s in pairs],
+                          list(indices))
+    return _LevelsFunction.apply(out, pre, widths, pairs, *indices)
+
+
+def levels_out_of_place(out: torch.Tensor, pre: torch.Tensor, widths: tuple[int, ...],
+                        pairs: Pairs, *indices: torch.Tensor) -> torch.Tensor:
+    """:func:`packed_levels` in plain out-of-place operators (autograd derives its backward)."""
+    return _levels_forward(out, pre, widths, pairs, indices, in_place=False)[0]
 
 
 def is_packed(gm: fx.GraphModule) -> bool:
@@ -77,7 +228,8 @@ def is_packed(gm: fx.GraphModule) -> bool:
 
 
 def pack(gm: fx.GraphModule) -> fx.GraphModule:
-    """``gm`` with every grown target computed as one GEMM of its stacked weights.
+    """``gm`` with every grown target computed as its own GEMM plus one GEMM of its members'
+    stacked weights and one elementwise node.
 
     The result shares all modules and parameters with ``gm`` (the grown ones are still
     installed under their names, so state_dict keys are unchanged) and computes the same
@@ -116,9 +268,9 @@ def exact_form(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def fold(gm: fx.GraphModule) -> fx.GraphModule:
-    """An inference model: each grown target, its pairs summed (``W+ + W-``, ``b+ + b-``) and
-    all of its rows concatenated, as one new ``nn.Linear`` ``{target}_folded`` followed by
-    the elementwise steps of each depth level. Outputs equal the unfolded model's within
+    """An inference model: each grown target's members, pairs summed (``W+ + W-``, ``b+ +
+    b-``) and concatenated, as one new ``nn.Linear`` ``{target}_folded`` beside the target's
+    own, followed by the elementwise steps of each depth level. Outputs equal the unfolded model's within
     float rounding; per pseudo-layer of k neurons it costs k(d+1) parameters and kd
     multiply-adds per token, half the paper form's. The new weights are copies, so training
     the result does not train ``gm``. A packed input is unpacked first; the history gains
@@ -178,41 +330,15 @@ def _layout(members_by_layer: Sequence[tuple[PseudoLayer, Sequence[Any]]]) -> li
     return [p[0] for p in pairs] + [p[1] for p in pairs] + [s[0] for s in singles]
 
 
-def _level_sums(graph: fx.Graph, block: fx.Node, pair_width: int, single_width: int) -> fx.Node:
-    """``a`` of one level: pair sums (first members' block plus second members') and then
-    the single members' columns as they are."""
-    if not pair_width:
-        return block
-    sizes = [pair_width, pair_width] + ([single_width] if single_width else [])
-    parts = graph.call_function(torch.split, (block, sizes), {"dim": -1})
-    first, second = (graph.call_function(operator.getitem, (parts, i)) for i in (0, 1))
-    sums = graph.call_function(operator.add, (first, second))
-    if not single_width:
-        return sums
-    singles = graph.call_function(operator.getitem, (parts, 2))
-    return graph.call_function(torch.cat, ([sums, singles],), {"dim": -1})
-
-
-def _emit_levels(
-    graph: fx.Graph,
-    product: fx.Node,
-    widths: list[int],
-    level_args: list[tuple[int, int, str]],
-) -> fx.Node:
-    """The elementwise tree over ``product`` (columns laid out by depth, ``widths`` per
-    level): from the deepest level up, ``gelu(a) + a`` written into the level above.
-    ``level_args[L]`` = (pair width, single width, index buffer) of the level whose members
-    sit at depth L + 1. Returns the root's final value."""
-    split = graph.call_function(torch.split, (product, widths), {"dim": -1})
-    blocks = [graph.call_function(operator.getitem, (split, i)) for i in range(len(widths))]
-    current = blocks[-1]
-    for depth in range(len(widths) - 1, 0, -1):
-        pair_width, single_width, index_name = level_args[depth - 1]
-        a = _level_sums(graph, current, pair_width, single_width)
-        rows = graph.call_function(operator.add, (graph.call_function(F.gelu, (a,)), a))
-        index = graph.get_attr(index_name)
-        current = graph.call_function(add_to_columns, (blocks[depth - 1], index, rows))
-    return current
+def _emit_levels(graph: fx.Graph, out: fx.Node, pre: fx.Node,
+                 level_args: list[tuple[int, int, int, str]]) -> fx.Node:
+    """The node writing every level of ``pre`` (the members' pre-activations) back into
+    ``out``; ``level_args[L]`` = (width, pair width, single width, index buffer) of the
+    level whose members sit at depth L + 1."""
+    widths = tuple(width for width, *_ in level_args)
+    pairs = tuple((pair_width, single_width) for _, pair_width, single_width, _ in level_args)
+    indices = [graph.get_attr(name) for *_, name in level_args]
+    return graph.call_function(packed_levels, (out, pre, widths, pairs, *indices))
 
 
 def _index_tensor(parts: list[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -222,40 +348,32 @@ def _index_tensor(parts: list[torch.Tensor], device: torch.device) -> torch.Tens
 def _pack_tree(gm: fx.GraphModule, graph: fx.Graph, tree: GrownTree,
                new_attrs: dict[str, Any]) -> None:
     site = tree.site
-    levels = tree.levels()
     offset: dict[int, int] = {id(tree.root): 0}  # a linear's column within its level block
-    columns: list[list[GrownLinear]] = [[tree.root]]
-    level_args: list[tuple[int, int, str]] = []
-    device = site.weight.device
+    members: list[GrownLinear] = []
+    level_args: list[tuple[int, int, int, str]] = []
     stem = module_stem(site)
-    for depth, entries in enumerate(levels):
+    for depth, entries in enumerate(tree.levels()):
         order = _layout([(layer, layer.members) for _, layer in entries])
         for start, member in _running(order):
             offset[id(member)] = start
-        columns.append(order)
+        members += order
         pairs = [(parent, layer) for parent, layer in entries if len(layer.members) == 2]
         singles = [(parent, layer) for parent, layer in entries if len(layer.members) == 1]
         parts = [torch.tensor(layer.indices) + offset[id(parent)] for parent, layer in
                  pairs + singles]
         name = f"{stem}_packed_index{depth}"
-        new_attrs[name] = _index_tensor(parts, device)
-        level_args.append((sum(len(l.indices) for _, l in pairs),
+        new_attrs[name] = _index_tensor(parts, site.weight.device)
+        level_args.append((sum(m.width for m in order), sum(len(l.indices) for _, l in pairs),
                            sum(len(l.indices) for _, l in singles), name))
+    has_bias = site.bias(gm) is not None
     with graph.inserting_before(tree.root.tip):
-        weights, biases = [], []
-        root_weight, root_bias = _root_params(gm, graph, tree)
-        weights.append(root_weight)
-        biases.append(root_bias)
-        for level in columns[1:]:
-            for member in level:
-                weights.append(graph.get_attr(f"{member.target}.weight"))
-                if root_bias is not None:
-                    biases.append(graph.get_attr(f"{member.target}.bias"))
-        weight = graph.call_function(torch.cat, (weights,), {"dim": 0})
-        bias = None if root_bias is None else graph.call_function(torch.cat, (biases,), {"dim": 0})
-        product = graph.call_function(F.linear, (site.input, weight, bias))
-        widths = [sum(m.width for m in level) for level in columns]
-        out = _emit_levels(graph, product, widths, level_args)
+        weight = graph.call_function(
+            stack_rows, ([graph.get_attr(f"{m.target}.weight") for m in members],))
+        bias = graph.call_function(
+            stack_rows, ([graph.get_attr(f"{m.target}.bias") for m in members],)
+        ) if has_bias else None
+        pre = graph.call_function(F.linear, (site.input, weight, bias))
+        out = _emit_levels(graph, tree.root.node, pre, level_args)
     tree.root.tip.replace_all_uses_with(out)
     erase_unused(graph, tree.nodes)
 
@@ -269,75 +387,45 @@ def _running(order: list[GrownLinear]) -> list[tuple[int, GrownLinear]]:
     return result
 
 
-def _root_params(
-    gm: fx.GraphModule, graph: fx.Graph, tree: GrownTree
-) -> tuple[fx.Node, fx.Node | None]:
-    site = tree.site
-    if site.kind == "functional":
-        return site.weight_node, site.bias_node
-    module = gm.get_submodule(site.target)
-    bias = graph.get_attr(f"{site.target}.bias") if module.bias is not None else None
-    return graph.get_attr(f"{site.target}.weight"), bias
-
-
 def _fold_tree(gm: fx.GraphModule, graph: fx.Graph, tree: GrownTree,
                new_attrs: dict[str, Any], names: dict[str, str]) -> None:
-    """Replace ``tree`` by its folded linear; ``names`` maps a target already folded (a
-    module called at several places) to its folded module, which is reused."""
+    """Replace ``tree``'s members by one folded linear; ``names`` maps a target already
+    folded (a module called at several places) to its folded module, which is reused."""
     site = tree.site
     name = names.get(site.target)
     if name is None:
         name = names[site.target] = _free_name(gm, f"{module_stem(site)}_folded", new_attrs)
-    levels = tree.levels()
+    has_bias = site.bias(gm) is not None
     with torch.no_grad():
-        root_bias = site.bias(gm)
-        weights = [site.weight.detach()]
-        biases = [] if root_bias is None else [root_bias.detach()]
+        weights, biases = [], []
         offset: dict[int, int] = {id(tree.root): 0}  # a linear's column in its level block
-        widths = [site.out_features]
-        level_args: list[tuple[int, int, str]] = []
-        for depth, entries in enumerate(levels):
+        level_args: list[tuple[int, int, int, str]] = []
+        for depth, entries in enumerate(tree.levels()):
             parts, start = [], 0
             for parent, layer in entries:
                 parts.append(torch.tensor(layer.indices) + offset[id(parent)])
                 modules = [gm.get_submodule(m.target) for m in layer.members]
                 weights.append(sum(m.weight.detach() for m in modules))
-                if root_bias is not None:
+                if has_bias:
                     biases.append(sum(m.bias.detach() for m in modules))
                 for member in layer.members:
                     offset[id(member)] = start  # both members' growth lands in the sum
                 start += len(layer.indices)
-            widths.append(start)
             index_name = f"{name}_index{depth}"
             new_attrs[index_name] = _index_tensor(parts, site.weight.device)
-            level_args.append((0, start, index_name))
-        folded = nn.Linear(site.in_features, sum(widths), bias=root_bias is not None,
+            level_args.append((start, 0, start, index_name))
+        folded = nn.Linear(site.in_features, sum(w for w, *_ in level_args), bias=has_bias,
                            device="meta")
-        folded.weight = nn.Parameter(torch.cat(weights), requires_grad=site.weight.requires_grad)
-        if root_bias is not None:
-            folded.bias = nn.Parameter(torch.cat(biases), requires_grad=site.weight.requires_grad)
+        trainable = site.weight.requires_grad
+        folded.weight = nn.Parameter(torch.cat(weights), requires_grad=trainable)
+        if has_bias:
+            folded.bias = nn.Parameter(torch.cat(biases), requires_grad=trainable)
     new_attrs[name] = folded
     with graph.inserting_before(tree.root.tip):
-        product = graph.call_module(name, (site.input,))
-        out = _emit_levels(graph, product, widths, level_args)
+        pre = graph.call_module(name, (site.input,))
+        out = _emit_levels(graph, tree.root.node, pre, level_args)
     tree.root.tip.replace_all_uses_with(out)
-    leftovers = [*tree.nodes]
-    if site.kind == "functional":
-        leftovers += [n for n in (site.weight_node, site.bias_node) if n is not None]
-        leftovers += _ancestors(site.bias_node)
-    erase_unused(graph, leftovers)
-
-
-def _ancestors(node: fx.Node | None) -> list[fx.Node]:
-    found: list[fx.Node] = []
-    stack = [node] if node is not None else []
-    while stack:
-        n = stack.pop()
-        for arg in n.all_input_nodes:
-            if arg.op != "placeholder" and arg not in found:
-                found.append(arg)
-                stack.append(arg)
-    return found
+    erase_unused(graph, tree.nodes)
 
 
 def _free_name(gm: fx.GraphModule, name: str, taken: dict[str, Any]) -> str:

@@ -28,9 +28,9 @@ new parameters to the optimizer (:func:`fxgrow.training.optim.add_grown_params`)
 and their optimizer state are untouched, so the next step moves them exactly as it would
 have without growth (unless global gradient-norm clipping sees the new gradients).
 
-By default the grown model is returned packed (:func:`fxgrow.passes.pack`: each grown target
-one GEMM, the same parameter objects): analysis, growth and the bitwise loss check run on
-the exact form (:func:`fxgrow.passes.exact_form` of the packed model), which growth
+By default the grown model is returned packed (:func:`fxgrow.passes.pack`: everything grown
+on a target one GEMM, the same parameter objects): analysis, growth and the bitwise loss
+check run on the exact form (:func:`fxgrow.passes.exact_form` of the packed model), which growth
 preserves bit for bit, and only the checked result is packed, its outputs checked against
 the exact form within float tolerance (docs/packing.md). ``pack=False`` trains the exact form.
 
