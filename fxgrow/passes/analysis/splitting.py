@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
@@ -108,10 +109,13 @@ def analyze(
                         seed=(seed, target_seed(seed, t)))
         for t, sites in chosen.items()
     }
+    started = time.perf_counter()
     n_batches = collect(gm, batches, loss_fn, chosen, form, accumulators, progress)
+    recorded = time.perf_counter()
     constant = _curvature(form)
     results = _solve(gm, chosen, accumulators, constant / n_batches, seed=seed, tol=tol,
                      max_iter=max_iter, eigenvectors=eigenvectors, device=device)
+    seconds = {"record": recorded - started, "solve": time.perf_counter() - recorded}
     settings = {
         "form": form, "method": method, "reservoir_tokens": reservoir_tokens,
         "batches": n_batches, "seed": seed, "tol": tol, "max_iter": max_iter,
@@ -127,6 +131,7 @@ def analyze(
         nonconverged={t: results[t].nonconverged for t in chosen},
         settings=settings,
         eigenvectors={t: results[t].vectors.cpu() for t in chosen} if eigenvectors else None,
+        seconds=seconds,
     )
 
 
