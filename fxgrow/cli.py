@@ -129,6 +129,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="process-group backend (default: nccl with CUDA, else gloo)")
     d.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS",
                    help="how long a rank waits for the others before failing (default 600)")
+    d.add_argument("--no-shard-analysis", action="store_true",
+                   help="every rank analyses every target, instead of its share of them "
+                        "(the same report either way)")
 
 
 def _add_triple_args(p: argparse.ArgumentParser) -> None:
@@ -457,7 +460,8 @@ def _triple(args: argparse.Namespace):
     )
 
 
-_RUN_ONLY = ("resume", "quiet", "run_dir", "command", "backend", "dist_timeout")
+_RUN_ONLY = ("resume", "quiet", "run_dir", "command", "backend", "dist_timeout",
+             "no_shard_analysis")
 
 
 def _recorded_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -545,7 +549,8 @@ def cmd_scale(args: argparse.Namespace) -> int:
     bundle, model, config = _setup(args, reduced=args.reduce)
     result = fit(model, bundle, config, str(run_dir), schedule=schedule,
                  run_config={"cli": cli}, resume=bool(args.resume), quiet=args.quiet,
-                 triple=_triple(args), pack=not getattr(args, "no_pack", False))
+                 triple=_triple(args), pack=not getattr(args, "no_pack", False),
+                 shard_analysis=not args.no_shard_analysis)
     if distributed.is_main():
         print(result.summary)
         print(f"run directory: {run_dir}")
@@ -597,7 +602,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
                   file=sys.stderr)
         result = fit(model, bundle, config, str(sub), schedule=schedule,
                      run_config={"cli": cli, "compare": label}, resume=resume, quiet=args.quiet,
-                     pack=not getattr(args, "no_pack", False))
+                     pack=not getattr(args, "no_pack", False),
+                     shard_analysis=not args.no_shard_analysis)
         # The schedule forbids growth after the last epoch: its metrics are the final model's.
         first, last = result.metrics[0], result.metrics[-1]
         rows.append({"model": f"{args.model} ({'reduce+grow' if grow_model else 'full'})",

@@ -397,3 +397,25 @@ def test_a_linear_feeding_an_in_place_activation_is_analysed():
         assert report.eigenvalues.keys() == reference.eigenvalues.keys()
         for target, values in reference.eigenvalues.items():
             torch.testing.assert_close(report.eigenvalues[target], values)
+
+
+@pytest.mark.parametrize("options", [{}, {"reservoir_tokens": 50}, {"eigenvectors": True}])
+def test_a_targets_result_does_not_depend_on_the_other_targets_of_the_call(options):
+    """Sharded analysis under DDP (docs/distributed.md) solves each rank's share of the
+    targets alone: a target's result must be the same, bit for bit, whether it is analysed
+    alone or with targets before it and of its size (one stacked Lanczos run)."""
+    torch.manual_seed(0)
+    gm = fxgrow.models.tiny_vit(num_classes=10, img_size=16, embed_dim=32, depth=2,
+                                num_heads=2)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(6, 3, 16, 16, generator=g), torch.randint(0, 10, (6,), generator=g))]
+    run = dict(progress=False, **options)
+    together = analyze(gm, batches, F.cross_entropy, **run)
+    # blocks.1.mlp.fc1 is stacked with blocks.0.mlp.fc1 and comes after five targets.
+    for target in ("blocks.1.mlp.fc1", "blocks.0.attn.qkv"):
+        alone = analyze(gm, batches, F.cross_entropy, targets=[target], **run)
+        assert torch.equal(alone.eigenvalues[target], together.eigenvalues[target]), target
+        assert alone.nonconverged[target] == together.nonconverged[target]
+        assert alone.reservoir[target] == together.reservoir[target]
+        if options.get("eigenvectors"):
+            assert torch.equal(alone.eigenvectors[target], together.eigenvectors[target])

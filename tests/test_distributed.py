@@ -118,6 +118,51 @@ def test_uneven_tail_covers_every_sample_once(size, world):
                                                          tail="uneven")) for r in range(world)]
 
 
+# ------------------------------------------------------------------ sharded analysis
+
+
+@pytest.mark.parametrize("shares", [1, 2, 3, 7, 12])
+def test_the_targets_partition_covers_each_once_with_balanced_costs(shares):
+    from fxgrow.linears import linear_sites
+    from fxgrow.passes.analysis.shards import partition, target_costs
+
+    gm = _model()
+    costs = target_costs(gm)
+    # out_features x (fan_in + bias): the cost of one Lanczos product per token
+    sites = linear_sites(gm)
+    assert costs == {t: sites[t][0].out_features * (sites[t][0].in_features + 1) for t in costs}
+    split = partition(costs, shares)
+    assert len(split) == shares and partition(costs, shares) == split
+    assert sorted(t for share in split for t in share) == sorted(costs)
+    order = list(costs)
+    assert all(share == sorted(share, key=order.index) for share in split)
+    loads = [sum(costs[t] for t in share) for share in split]
+    assert max(loads) - min(loads) <= max(costs.values())  # greedy on sorted costs
+
+
+def test_partition_and_merge_refuse_bad_input():
+    from fxgrow.errors import AnalysisError
+    from fxgrow.passes import analyze
+    from fxgrow.passes.analysis.report import merge_reports
+    from fxgrow.passes.analysis.shards import partition
+
+    with pytest.raises(AnalysisError, match="positive int"):
+        partition({"a": 1}, 0)
+    gm, batches = _model(), _global_batches()[:1]
+    one = analyze(gm, batches, torch.nn.functional.cross_entropy, progress=False,
+                  targets=["blocks.0.attn.qkv"])
+    two = analyze(gm, batches, torch.nn.functional.cross_entropy, progress=False,
+                  targets=["blocks.0.attn.proj"], tol=1e-3)
+    with pytest.raises(AnalysisError, match="settings"):
+        merge_reports([one, two], ["blocks.0.attn.qkv", "blocks.0.attn.proj"])
+    with pytest.raises(AnalysisError, match="each of"):
+        merge_reports([one, one], ["blocks.0.attn.qkv"])
+    with pytest.raises(AnalysisError, match="each of"):
+        merge_reports([one], ["blocks.0.attn.qkv", "blocks.0.attn.proj"])
+    with pytest.raises(AnalysisError, match="no reports"):
+        merge_reports([], [])
+
+
 # ------------------------------------------------------------------ the Scaler API worker
 
 
@@ -147,11 +192,21 @@ def _model():
 
 def _worker(out: Path) -> None:
     """One rank of a user's DDP loop: wrap, grow through the Scaler with this rank's shard
-    of the analysis batches, rewrap, take one step on this rank's shard of a batch."""
+    of the analysis batches, rewrap, take one step on this rank's shard of a batch. Every
+    target list this rank's analysis calls receive is logged."""
     from safetensors.torch import save_file
 
+    import fxgrow.passes
     import fxgrow.training.distributed as fd
     from fxgrow.training.scaler import Scaler
+
+    analyze, calls = fxgrow.passes.analyze, []
+
+    def logged(*args, **kwargs):
+        calls.append(kwargs["targets"])
+        return analyze(*args, **kwargs)
+
+    fxgrow.passes.analyze = logged
 
     torch.set_num_threads(1)
     fd.init_from_env("gloo", timeout=60)
@@ -174,10 +229,33 @@ def _worker(out: Path) -> None:
     optimizer.step()
     save_file({k: v.detach().contiguous() for k, v in grown.state_dict().items()},
               str(out / f"stepped{rank}.safetensors"))
+    (out / f"record{rank}.json").write_text(json.dumps({"calls": calls,
+                                                         "record": scaler.records[0]}))
+    _fail_on_rank_1(out, rank)
     if rank == 0:
         scaler.last_report.save(out / "report.safetensors")
         (out / "plan.json").write_text(json.dumps(scaler.records[0]["plan"]))
     fd.shutdown()
+    if rank == 0:  # the unsharded analysis of the same batches, in this process
+        analyze(_model(), _global_batches(), torch.nn.functional.cross_entropy,
+                progress=False, seed=0).save(out / "unsharded.safetensors")
+
+
+def _fail_on_rank_1(out: Path, rank: int) -> None:
+    """A step that fails on rank 1 only, through gather_outcomes; each rank writes what it
+    raised."""
+    import fxgrow.training.distributed as fd
+    from fxgrow.errors import AnalysisError
+
+    def step():
+        if rank == 1:
+            raise AnalysisError("rank 1 refuses")
+        return rank
+
+    try:
+        fd.gather_outcomes(step, "the test step")
+    except AnalysisError as exc:
+        (out / f"outcome{rank}.txt").write_text(f"{type(exc).__name__}: {exc}")
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +268,11 @@ def scaler_run(tmp_path_factory):
 
 
 def test_analysis_and_plan_equal_a_single_process_on_the_global_batch(scaler_run):
+    """The report gathered from the ranks' shares is bitwise the report of one process
+    analysing every target on the global batch: in the same process (same threads), and
+    here (one thread too, conftest.py). A target's result does not depend on the other
+    targets of the call (tests/test_analyze.py), and the gathered batches are bitwise the
+    global ones."""
     import fxgrow
     from fxgrow.passes import analyze
     from fxgrow.passes.analysis.splitting import SplittingReport
@@ -200,13 +283,36 @@ def test_analysis_and_plan_equal_a_single_process_on_the_global_batch(scaler_run
     plan = fxgrow.select(reference, budget=6, layer_threshold=1)
     assert plan.num_neurons > 0
     report = SplittingReport.load(scaler_run / "report.safetensors")
-    assert report.targets == reference.targets
-    for target in reference.targets:
-        assert report.tokens[target] == reference.tokens[target] == \
-            GLOBAL_BATCH * ANALYSIS_BATCHES * 17  # 16 patches + the class token per image
-        torch.testing.assert_close(report.eigenvalues[target], reference.eigenvalues[target],
-                                   rtol=1e-6, atol=0)
+    unsharded = SplittingReport.load(scaler_run / "unsharded.safetensors")
+    for other in (reference, unsharded):
+        assert report.targets == other.targets
+        assert report.tokens == other.tokens and report.nonconverged == other.nonconverged
+        assert report.settings == other.settings
+        for target in other.targets:
+            assert torch.equal(report.eigenvalues[target], other.eigenvalues[target]), target
+    assert set(report.tokens.values()) == {GLOBAL_BATCH * ANALYSIS_BATCHES * 17}  # 16 + class
     assert json.loads((scaler_run / "plan.json").read_text()) == plan.to_dict()
+
+
+def test_each_rank_analysed_a_disjoint_share_of_the_targets(scaler_run):
+    from fxgrow.passes import default_targets
+
+    logs = [json.loads((scaler_run / f"record{r}.json").read_text()) for r in range(WORLD)]
+    shares = logs[0]["record"]["analysis_shards"]
+    assert all(log["record"]["analysis_shards"] == shares for log in logs)
+    assert [log["calls"] for log in logs] == [[share] for share in shares]
+    targets = default_targets(_model())
+    assert sorted(t for share in shares for t in share) == sorted(targets)
+    assert all(share for share in shares)
+    for key in ("analysis_record_seconds", "analysis_solve_seconds"):
+        seconds = logs[0]["record"][key]  # every rank's, gathered
+        assert len(seconds) == WORLD and all(s > 0 for s in seconds)
+
+
+def test_a_failure_on_one_rank_is_raised_on_every_rank(scaler_run):
+    for rank in range(WORLD):
+        verdict = (scaler_run / f"outcome{rank}.txt").read_text()
+        assert verdict == "AnalysisError: rank 1 refuses", (rank, verdict)
 
 
 def test_grown_parameters_are_bitwise_identical_on_all_ranks(scaler_run):
@@ -397,3 +503,4 @@ def test_a_rank_dying_while_rank_0_writes_keeps_the_last_checkpoint_and_resumes(
 if __name__ == "__main__":
     if sys.argv[1] == "scaler":
         _worker(Path(sys.argv[2]))
+

@@ -12,7 +12,8 @@ What fxgrow does across ranks, and nothing more:
   the ranks disagree.
 - :func:`wrap` puts a GraphModule in DDP, and after growth wraps the grown module anew
   (the old wrapper's gradient hooks are removed; the new one buckets the new parameters).
-- :func:`on_main` runs file writes on rank 0 only and hands its failure to every rank.
+- :func:`on_main` runs file writes on rank 0 only and hands its failure to every rank;
+  :func:`gather_outcomes` runs a step on every rank and hands any rank's failure to all.
 
 Without an initialised process group every function is the single-process identity, so
 the same code runs under ``python`` and under ``torchrun``.
@@ -265,16 +266,41 @@ def on_main(fn: Callable[[], T], what: str) -> T | None:
     if error is not None:
         raise error
     if box[0] is not None:
-        name, message = box[0]
-        cls = getattr(errors, name, None)
-        if isinstance(cls, type) and issubclass(cls, FxgrowError):
-            raise cls(message)
-        raise DistributedError(f"rank 0 failed while {what}: {name}: {message}")
+        _raise_remote(0, *box[0], what)
     return result
+
+
+def gather_outcomes(fn: Callable[[], T], what: str) -> list[T]:
+    """Run ``fn`` on every rank and return every rank's result, in rank order. When ``fn``
+    fails on any rank, every rank raises: the failing rank its own exception, the others the
+    lowest failing rank's (same type and message for an
+    :class:`fxgrow.errors.FxgrowError`, else :class:`DistributedError`), so no rank waits
+    for a result that never comes."""
+    try:
+        outcome: tuple[bool, Any] = (True, fn())
+        error = None
+    except Exception as exc:  # every rank must hear of it, whatever it is
+        outcome, error = (False, (type(exc).__name__, str(exc))), exc
+    outcomes = all_gather_object(outcome, what)
+    if error is not None:
+        raise error
+    for rank, (ok, value) in enumerate(outcomes):
+        if not ok:
+            _raise_remote(rank, *value, what)
+    return [value for _, value in outcomes]
+
+
+def _raise_remote(rank: int, name: str, message: str, what: str) -> None:
+    """Raise here the exception another rank raised: an fxgrow error as itself."""
+    cls = getattr(errors, name, None)
+    if isinstance(cls, type) and issubclass(cls, FxgrowError):
+        raise cls(message)
+    raise DistributedError(f"rank {rank} failed while {what}: {name}: {message}")
 
 
 __all__ = [
     "DEFAULT_TIMEOUT", "DistributedError", "all_gather_object", "all_reduce_sum", "barrier",
-    "check_same", "device", "digest", "gather_batches", "init_from_env", "is_distributed",
-    "is_main", "launched_by_torchrun", "on_main", "rank_world", "shutdown", "wrap",
+    "check_same", "device", "digest", "gather_batches", "gather_outcomes", "init_from_env",
+    "is_distributed", "is_main", "launched_by_torchrun", "on_main", "rank_world", "shutdown",
+    "wrap",
 ]

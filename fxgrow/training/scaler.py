@@ -38,7 +38,9 @@ The scaler holds no random state of its own and does the same on every process. 
 torch.distributed (docs/distributed.md) each rank passes its own shard of the analysis data:
 the scaler all-gathers the batches (:func:`fxgrow.training.distributed.gather_batches`), so every rank
 analyses the global batch and selects the plan a single process would, and checks that all
-ranks hold the same plan before growing. Rewrap the grown model with
+ranks hold the same plan before growing. The analysis is sharded by default: each rank
+analyses its share of the targets and the reports are gathered
+(:func:`fxgrow.training.sharding.analyze_sharded`; the same report as one process). Rewrap the grown model with
 :func:`fxgrow.training.distributed.wrap` (passing the old wrapper).
 """
 
@@ -248,6 +250,9 @@ class Scaler:
             ranks (each rank gives its shard; default). ``False`` when every rank already
             passes the same global batches.
         pack: return grown models packed for training (default) or in the exact form.
+        shard_analysis: under torch.distributed, each rank analyses its share of the targets
+            and the reports are gathered (default; the same report); ``False``: every rank
+            analyses every target.
     """
 
     def __init__(
@@ -264,6 +269,7 @@ class Scaler:
         seed: int = 0,
         gather_analysis: bool = True,
         pack: bool = True,
+        shard_analysis: bool = True,
     ) -> None:
         if not isinstance(schedule, ScalingSchedule):
             raise ScheduleError(f"schedule must be a ScalingSchedule, got {type(schedule).__name__}")
@@ -278,6 +284,7 @@ class Scaler:
         self.seed = seed
         self.gather_analysis = gather_analysis
         self.pack = pack
+        self.shard_analysis = shard_analysis
         self.records: list[dict[str, Any]] = []
         self.last_report: Any = None
         self._done: list[int] = []
@@ -313,7 +320,7 @@ class Scaler:
         """Run one round now (analysis, selection, growth, checks, optimizer surgery) and
         return its record."""
         from .. import select
-        from ..passes import analyze, exact_form, grow
+        from ..passes import exact_form, grow
         from ..verify import check_equivalence, count_flops, count_params
 
         schedule = self.schedule
@@ -333,7 +340,7 @@ class Scaler:
         )
         if schedule.reservoir is not None:
             kwargs["reservoir_tokens"] = schedule.reservoir
-        report = analyze(old, batches, self.loss_fn, **kwargs)
+        report = self._analyze(old, batches, kwargs, record)
         record["analysis_seconds"] = time.perf_counter() - started
         self.last_report = report
         record["eigenvalues"] = {t: _eigen_stats(report, t) for t in report.eigenvalues}
@@ -385,6 +392,22 @@ class Scaler:
         self.model = new
         self._finish(epoch, record)
         return record
+
+    def _analyze(self, model: fx.GraphModule, batches: list[Sequence[Any]],
+                 options: dict[str, Any], record: dict[str, Any]) -> Any:
+        """The round's splitting report; sharded across ranks under torch.distributed
+        (unless ``shard_analysis`` is off), with each rank's share and seconds recorded."""
+        from ..passes import analyze
+
+        if not (self.shard_analysis and distributed.is_distributed()):
+            return analyze(model, batches, self.loss_fn, **options)
+        from .sharding import analyze_sharded
+
+        sharded = analyze_sharded(model, batches, self.loss_fn, **options)
+        record["analysis_shards"] = sharded.shares
+        record["analysis_record_seconds"] = sharded.record_seconds
+        record["analysis_solve_seconds"] = sharded.solve_seconds
+        return sharded.report
 
     def _finish(self, epoch: int, record: dict[str, Any]) -> None:
         self._done.append(epoch)

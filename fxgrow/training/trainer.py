@@ -192,6 +192,7 @@ def fit(
     quiet: bool = False,
     triple: TripleSchedule | None = None,
     pack: bool = True,
+    shard_analysis: bool = True,
 ) -> RunResult:
     """Train ``model`` (a GraphModule with a base spec, so it can be checkpointed) on
     ``bundle``, growing it on ``schedule``, logging into the new directory ``run_dir``.
@@ -202,7 +203,8 @@ def fit(
     afresh from ``model``. ``run_config`` is extra JSON the run directory records (what the
     command line was given); a resume with a different one is refused. The run directory
     is locked for the whole call: a second writer is refused. ``pack`` trains grown models
-    packed (see :class:`fxgrow.training.scaler.Scaler`).
+    packed (see :class:`fxgrow.training.scaler.Scaler`). ``shard_analysis`` splits each round's
+    analysis across the ranks under torch.distributed (the same report; see the Scaler).
 
     ``triple`` runs TripLe's serialized schedule (:mod:`fxgrow.training.triple`): the model
     is widened before training and deepened after stage I, with or without growth rounds.
@@ -247,7 +249,7 @@ def fit(
         full_config["triple"] = triple.to_dict()
     full_config = _json_roundtrip(full_config)
     trainer = _Trainer(model, bundle, config, schedule, run_dir, run, full_config, quiet,
-                       pack=pack)
+                       pack=pack, shard_analysis=shard_analysis)
     trainer.tripler = tripler
     try:
         if resume:
@@ -266,11 +268,13 @@ class _Trainer:
 
     def __init__(self, model: fx.GraphModule, bundle: data_mod.DataBundle, config: TrainConfig,
                  schedule: ScalingSchedule | None, run_dir: str, run: RunDir | None,
-                 full_config: dict[str, Any], quiet: bool, *, pack: bool = True) -> None:
+                 full_config: dict[str, Any], quiet: bool, *, pack: bool = True,
+                 shard_analysis: bool = True) -> None:
         self.rank, self.world = distributed.rank_world()
         self.main = self.rank == 0
         self.model, self.config, self.schedule = model, config, schedule
         self.run, self.full_config, self.quiet, self.pack = run, full_config, quiet, pack
+        self.shard_analysis = shard_analysis
         self.run_dir = run_dir  # ``run`` is None on the ranks that never write
         self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
         world, rank = self.world, self.rank
@@ -366,7 +370,8 @@ class _Trainer:
         self.scaler = Scaler(self.model, self.optimizer, self.schedule, self.analysis,
                              self.criterion, flop_inputs=self.sample,
                              progress=not self.quiet and self.main, seed=self.config.seed,
-                             gather_analysis=False, pack=self.pack)
+                             gather_analysis=False, pack=self.pack,
+                             shard_analysis=self.shard_analysis)
         if state is not None:
             self.scaler.load_state_dict(state)
 

@@ -160,19 +160,26 @@ def stacked_matvec(parts: Sequence[MatVec], counts: Sequence[int]) -> MatVec:
     split: dict[str, Any] = {}
 
     def matvec(v: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        # Each part sees the same local ``rows`` object while the set is unchanged, so that
-        # its own per-set work (gathering h) is done once per set.
+        # Each part sees the same local ``rows`` object while its own set is unchanged (the
+        # other parts' rows may have left), so that its per-set work (gathering h) is done
+        # once per set.
         if split.get("rows") is not rows:
             bounds = torch.searchsorted(rows.cpu(), offsets).tolist()
+            before = split.get("parts", [(0, 0, None)] * len(parts))
             split["rows"] = rows
             split["parts"] = [
-                (a, b, rows[a:b] - int(offsets[i]))
+                (a, b, _same_or(before[i][2], rows[a:b] - int(offsets[i])))
                 for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))
             ]
         outs = [parts[i](v[a:b], local) for i, (a, b, local) in enumerate(split["parts"]) if b > a]
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
     return matvec
+
+
+def _same_or(before: torch.Tensor | None, local: torch.Tensor) -> torch.Tensor:
+    """A part's previous local rows object when ``local`` holds the same rows."""
+    return before if before is not None and torch.equal(before, local) else local
 
 
 def _gemm_width(count: int) -> int:
@@ -336,6 +343,7 @@ def lanczos_smallest(
     start: torch.Tensor | None = None,
     start_product: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float64,
+    segments: Sequence[int] | None = None,
 ) -> EigenResult:
     """Smallest eigenpair of ``count`` symmetric (dim x dim) matrices known through
     ``matvec(V, rows)``, which must return ``S[rows[i]] @ V[i]`` for each row i of V.
@@ -362,7 +370,12 @@ def lanczos_smallest(
     After ``max_iter`` steps the rest keep their current Ritz pair and are reported as not
     converged. The Krylov basis is kept in ``dtype`` (float32 halves the memory traffic of
     the reorthogonalisation; use it when the products are float32); the tridiagonal
-    problems are solved in float64. Deterministic given ``seed``."""
+    problems are solved in float64. Deterministic given ``seed``.
+
+    ``segments`` (counts summing to ``count``) splits the matrices into independent
+    problems (stacked layers): each segment's rows then leave the basis on its own schedule,
+    so the row sets ``matvec`` sees for a segment, and therefore its results, are those of
+    a run of that segment alone."""
     device = torch.device(device) if device is not None else torch.device("cpu")
     f64 = dict(dtype=torch.float64, device=device)
     values = torch.zeros(count, **f64)
@@ -383,6 +396,8 @@ def lanczos_smallest(
     betas = torch.zeros(count, steps, **f64)
     norm_est = torch.zeros(count, **f64)
     rows = torch.arange(count, device=device)
+    counts = torch.as_tensor(list(segments) if segments is not None else [count], device=device)
+    segment = torch.repeat_interleave(torch.arange(len(counts), device=device), counts)
     # An exhausted Krylov space shows as a beta at rounding level, which depends on dtype.
     exhausted_level = 1e-12 if dtype == torch.float64 else 100 * torch.finfo(dtype).eps
     live = torch.ones(count, dtype=torch.bool, device=device)  # not yet recorded
@@ -415,16 +430,27 @@ def lanczos_smallest(
         if last or not bool(live.any()):
             break
         # Recorded rows ride along with a zero vector until enough of them have gathered
-        # to be worth the copy of the basis that dropping them costs.
+        # (in their segment) to be worth the copy of the basis that dropping them costs.
         w *= torch.where(live, 1.0 / beta.clamp_min(1e-300), 0.0).to(dtype)[:, None]
-        drop = int(live.sum()) <= 0.85 * live.numel()
-        if drop or k + 2 > basis.shape[1]:
-            basis = _regrown_basis(basis, k, steps, live if drop else None)
-            if drop:
-                w, rows, alphas, betas = w[live], rows[live], alphas[live], betas[live]
-                norm_est, live = norm_est[live], live[live]
+        keep = _kept_rows(live, segment, len(counts))
+        if keep is not None or k + 2 > basis.shape[1]:
+            basis = _regrown_basis(basis, k, steps, keep)
+            if keep is not None:
+                w, rows, alphas, betas = w[keep], rows[keep], alphas[keep], betas[keep]
+                norm_est, live, segment = norm_est[keep], live[keep], segment[keep]
         basis[:, k + 1] = w
     return EigenResult(values, vectors, residuals, converged, done_at)
+
+
+def _kept_rows(live: torch.Tensor, segment: torch.Tensor, segments: int) -> torch.Tensor | None:
+    """The rows that stay in the basis, or None when all do: a segment's recorded rows are
+    dropped once at most 85% of its rows are live, decided per segment."""
+    total = torch.bincount(segment, minlength=segments)
+    alive = torch.bincount(segment[live], minlength=segments)
+    dropping = (alive <= 0.85 * total) & (alive < total)
+    if not bool(dropping.any()):
+        return None
+    return live | ~dropping[segment]
 
 
 def _first_vectors(
@@ -462,14 +488,30 @@ def _orthogonalise(
         w -= betas[:, k - 1, None].to(w.dtype) * basis[:, k - 1]
     span = basis[:, : k + 1]
     before = w.norm(dim=1)
-    # Full reorthogonalisation, repeated when it cancelled much of w (DGKS criterion).
-    for _ in range(2):
-        w -= torch.bmm(span.transpose(1, 2), torch.bmm(span, w[:, :, None]))[:, :, 0]
-        beta = w.norm(dim=1)
-        if not bool((live & (beta < 0.7071 * before)).any()):
-            break
-        before = beta
+    # Full reorthogonalisation, repeated for the rows where it cancelled much of w (DGKS
+    # criterion): only those, so that a row's result never depends on the other rows.
+    w -= _in_span(w, span)
+    beta = w.norm(dim=1)
+    again = live & (beta < 0.7071 * before)
+    if bool(again.any()):
+        twice = w - _in_span(w, span)
+        w.copy_(torch.where(again[:, None], twice, w))
+        beta = torch.where(again, twice.norm(dim=1), beta)
     return alpha, beta
+
+
+def _in_span(w: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
+    """The projection of each row of ``w`` on its row's basis ``span`` (J, k, D)."""
+    return _bmm(span.transpose(1, 2), _bmm(span, w[:, :, None]))[:, :, 0]
+
+
+def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.bmm``, whose result for a batch element does not depend on the batch's size:
+    torch sends a batch of one to a matrix-vector kernel that rounds differently, so a
+    single row is doubled."""
+    if a.shape[0] != 1:
+        return torch.bmm(a, b)
+    return torch.bmm(torch.cat([a, a]), torch.cat([b, b]))[:1]
 
 
 def _ritz_values(
@@ -495,7 +537,8 @@ def _ritz_vectors(
     """Unit Ritz vectors for ``theta``: the tridiagonals' eigenvectors mapped back through
     the Krylov basis ``span`` (J, k, D)."""
     s = _tridiagonal_vector(alpha, beta, theta)
-    return _unit(torch.einsum("jkd,jk->jd", span.double(), s))
+    # Elementwise, not einsum: a batched product would round differently for a single row.
+    return _unit((span.double() * s[:, :, None]).sum(1))
 
 
 def _regrown_basis(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,9 @@ class SplittingReport:
     only when requested) is (out_features, fan_in + bias) with unit rows, ``tokens[t]`` the
     number of tokens the statistics saw, ``reservoir[t]`` how many of them the fast method
     kept, ``nonconverged[t]`` how many neurons the iterative solver left unconverged.
-    ``settings`` records the form, method and the other arguments of :func:`analyze`."""
+    ``settings`` records the form, method and the other arguments of :func:`analyze`.
+    ``seconds`` is how long the call spent recording and solving (``{"record": s, "solve":
+    s}``; a measurement, not a result: it is neither saved nor compared)."""
 
     eigenvalues: dict[str, torch.Tensor]
     fan_in: dict[str, int]
@@ -37,6 +39,7 @@ class SplittingReport:
     nonconverged: dict[str, int]
     settings: dict[str, Any]
     eigenvectors: dict[str, torch.Tensor] | None = None
+    seconds: dict[str, float] | None = field(default=None, compare=False)
 
     @property
     def targets(self) -> list[str]:
@@ -136,3 +139,35 @@ class SplittingReport:
             fig.savefig(path)
         return fig
 
+
+def merge_reports(parts: Sequence[SplittingReport], order: Sequence[str]) -> SplittingReport:
+    """One report from reports of disjoint sets of targets analysed with the same settings
+    (the shares of a sharded analysis, docs/distributed.md), its targets in ``order``.
+
+    Raises:
+        AnalysisError: no parts; parts whose settings or eigenvector choice differ; a target
+            in two parts, or in ``order`` and in no part (or the reverse).
+    """
+    if not parts:
+        raise AnalysisError("no reports to merge")
+    first = parts[0]
+    for part in parts[1:]:
+        if part.settings != first.settings or (part.eigenvectors is None) != (
+                first.eigenvectors is None):
+            raise AnalysisError(f"reports to merge differ in their settings: "
+                                f"{first.settings} vs {part.settings}")
+    held = [t for part in parts for t in part.targets]
+    if len(held) != len(set(held)) or set(held) != set(order) or len(order) != len(set(order)):
+        raise AnalysisError(f"the reports to merge hold targets {held}, not each of "
+                            f"{list(order)} once")
+    owner = {t: part for part in parts for t in part.targets}
+
+    def gathered(name: str) -> dict[str, Any]:
+        return {t: getattr(owner[t], name)[t] for t in order}
+
+    return SplittingReport(
+        eigenvalues=gathered("eigenvalues"), fan_in=gathered("fan_in"), bias=gathered("bias"),
+        tokens=gathered("tokens"), reservoir=gathered("reservoir"),
+        nonconverged=gathered("nonconverged"), settings=dict(first.settings),
+        eigenvectors=gathered("eigenvectors") if first.eigenvectors is not None else None,
+    )

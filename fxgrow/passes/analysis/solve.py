@@ -77,7 +77,7 @@ def _solve_together(
     result = lanczos_smallest(
         stacked_matvec(products, counts), sum(counts), group[0].dim, tol=tol,
         max_iter=max_iter, eigenvectors=eigenvectors, seed=group[0].seed, device=device,
-        start=start, start_product=start_product, dtype=group[0].dtype,
+        start=start, start_product=start_product, dtype=group[0].dtype, segments=counts,
     )
     out, begin = {}, 0
     for p in group:

@@ -29,7 +29,9 @@ parameter gradients, which the analysis never asks for.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import time
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
@@ -103,13 +105,17 @@ def analyze(
     chosen = resolve_targets(gm, targets, form)
     device = torch.device(device) if device is not None else _model_device(gm)
     accumulators = {
-        t: _accumulator(gm, sites[0], method, reservoir_tokens, device, seed=(seed, i))
-        for i, (t, sites) in enumerate(chosen.items())
+        t: _accumulator(gm, sites[0], method, reservoir_tokens, device,
+                        seed=(seed, target_seed(seed, t)))
+        for t, sites in chosen.items()
     }
+    started = time.perf_counter()
     n_batches = collect(gm, batches, loss_fn, chosen, form, accumulators, progress)
+    recorded = time.perf_counter()
     constant = _curvature(form)
     results = _solve(gm, chosen, accumulators, constant / n_batches, seed=seed, tol=tol,
                      max_iter=max_iter, eigenvectors=eigenvectors, device=device)
+    seconds = {"record": recorded - started, "solve": time.perf_counter() - recorded}
     settings = {
         "form": form, "method": method, "reservoir_tokens": reservoir_tokens,
         "batches": n_batches, "seed": seed, "tol": tol, "max_iter": max_iter,
@@ -125,6 +131,7 @@ def analyze(
         nonconverged={t: results[t].nonconverged for t in chosen},
         settings=settings,
         eigenvectors={t: results[t].vectors.cpu() for t in chosen} if eigenvectors else None,
+        seconds=seconds,
     )
 
 
@@ -148,6 +155,15 @@ def splitting_matrices(
     n_batches = collect(gm, batches, loss_fn, chosen, form, accumulators, progress=False)
     scale = _curvature(form) / n_batches
     return {t: acc.matrices(scale)(0, acc.count) for t, acc in accumulators.items()}
+
+
+def target_seed(seed: int, target: str) -> int:
+    """The random streams of one target (its reservoir, its Lanczos start), a function of
+    the call's seed and the target's name only: a target's result then does not depend on
+    which other targets the call analyses, which sharded analysis relies on
+    (docs/distributed.md)."""
+    digest = hashlib.sha256(f"{seed}:{target}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # what torch and numpy accept as a seed
 
 
 def _check_arguments(gm: Any, form: str, method: str, reservoir_tokens: Any) -> None:
@@ -186,7 +202,7 @@ def _solve(
     for exact sums, batched Lanczos on the reservoir's implicit product otherwise."""
     results: dict[str, EigenResult] = {}
     problems: list[Problem] = []
-    for i, (t, acc) in enumerate(accumulators.items()):
+    for t, acc in accumulators.items():
         site = chosen[t][0]
         if isinstance(acc, ExactSums):
             results[t] = exact_smallest(acc.matrices(scale), site.out_features,
@@ -195,7 +211,7 @@ def _solve(
         x, h = acc.data(site.in_features)
         # the reservoir estimates the sum over all tokens from the ones it kept
         problems.append(Problem(t, x, h, scale * acc.tokens / max(acc.filled, 1),
-                                site.has_bias(gm), seed + i))
+                                site.has_bias(gm), target_seed(seed, t)))
     results.update(solve_fast(problems, tol=tol, max_iter=max_iter,
                               eigenvectors=eigenvectors, device=device))
     return results
