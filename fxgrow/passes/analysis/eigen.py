@@ -47,15 +47,20 @@ class EigenResult:
     """Smallest eigenpair of each of J matrices.
 
     ``residuals[j]`` is ``||S_j v_j - lambda_j v_j||`` (estimated from the Lanczos recurrence
-    for the iterative path), ``converged[j]`` whether it met the tolerance, ``iterations``
-    the number of products the longest-running matrix needed.
+    for the iterative path), ``converged[j]`` whether it met the tolerance, ``steps[j]`` the
+    number of Lanczos products matrix j took (0 for the dense path), ``iterations`` the
+    largest of them.
     """
 
     values: torch.Tensor  # (J,) float64
     vectors: torch.Tensor | None  # (J, D) float64, unit norm
     residuals: torch.Tensor  # (J,) float64
     converged: torch.Tensor  # (J,) bool
-    iterations: int
+    steps: torch.Tensor  # (J,) int64
+
+    @property
+    def iterations(self) -> int:
+        return int(self.steps.max()) if self.steps.numel() else 0
 
     @property
     def nonconverged(self) -> int:
@@ -94,7 +99,7 @@ def exact_smallest(
         vectors=torch.cat(vectors) if eigenvectors and vectors else None,
         residuals=torch.zeros_like(vals),
         converged=torch.ones(vals.shape, dtype=torch.bool, device=vals.device),
-        iterations=0,
+        steps=torch.zeros(vals.shape, dtype=torch.int64, device=vals.device),
     )
 
 
@@ -381,11 +386,12 @@ def lanczos_smallest(
     values = torch.zeros(count, **f64)
     residuals = torch.zeros(count, **f64)
     converged = torch.zeros(count, dtype=torch.bool, device=device)
+    taken = torch.zeros(count, dtype=torch.int64, device=device)
     vectors = torch.zeros(count, dim, **f64) if eigenvectors else None
     steps = min(max_iter, dim)
     if count == 0 or dim == 0 or steps == 0:
         converged[:] = count == 0 or dim == 0
-        return EigenResult(values, vectors, residuals, converged, 0)
+        return EigenResult(values, vectors, residuals, converged, taken)
 
     first = _first_vectors(count, dim, start, start_product, seed, dtype, device)
     # The basis grows by doubling: most matrices converge within a few steps, and a buffer
@@ -401,17 +407,15 @@ def lanczos_smallest(
     # An exhausted Krylov space shows as a beta at rounding level, which depends on dtype.
     exhausted_level = 1e-12 if dtype == torch.float64 else 100 * torch.finfo(dtype).eps
     live = torch.ones(count, dtype=torch.bool, device=device)  # not yet recorded
-    done_at = 0
     for k in range(steps):
         q = basis[:, k]
         if k == 0 and start_product is not None:
-            w = start_product.to(device, dtype)
+            w = start_product.to(device, dtype, copy=True)  # w is updated in place
         else:
             w = matvec(q, rows).to(dtype)
         alpha, beta = _orthogonalise(w, basis, k, betas, live)
         alphas[:, k] = alpha.double()
         betas[:, k] = beta.double()
-        done_at = k + 1
 
         theta, res, exhausted, norm_est = _ritz_values(alphas, betas, k, live, norm_est,
                                                        exhausted_level)
@@ -423,6 +427,7 @@ def lanczos_smallest(
             values[idx] = theta[leaving]
             residuals[idx] = torch.where(exhausted[leaving], 0.0, res[leaving])
             converged[idx] = finished[leaving] | (k + 1 == dim)
+            taken[idx] = k + 1
             if eigenvectors:
                 vectors[idx] = _ritz_vectors(basis[leaving, : k + 1], alphas[leaving, : k + 1],
                                              betas[leaving, :k], theta[leaving])
@@ -439,7 +444,7 @@ def lanczos_smallest(
                 w, rows, alphas, betas = w[keep], rows[keep], alphas[keep], betas[keep]
                 norm_est, live, segment = norm_est[keep], live[keep], segment[keep]
         basis[:, k + 1] = w
-    return EigenResult(values, vectors, residuals, converged, done_at)
+    return EigenResult(values, vectors, residuals, converged, taken)
 
 
 def _kept_rows(live: torch.Tensor, segment: torch.Tensor, segments: int) -> torch.Tensor | None:
