@@ -12,7 +12,8 @@ Two paths, both batched over the J neurons of a layer:
 
 ``splitting_matvec`` builds the product for splitting matrices of the form
 ``S_j = scale * X^T diag(h_j) X``: ``P = X V^T``, ``R = (H * P)^T X`` (two GEMMs per step,
-through oneDNN for float32: ``fxgrow.passes.analysis.gemm``), and ``splitting_first_step``
+through ``fxgrow.passes.analysis.gemm``: oneDNN for float32 where it is float32-accurate and
+faster), and ``splitting_first_step``
 start vectors for them, built from the tokens that dominate every S_j, with their random
 part and their products at the cost of one GEMM. ``stacked_matvec`` joins
 the products of several layers so that one Lanczos run serves them all.
