@@ -1,86 +1,116 @@
 """Splitting analysis cost against one training step, all measured in one run.
 
-For each model, on one batch: a training step (forward, backward, AdamW step), the same
-step with its GEMMs routed through oneDNN as the eigensolver's are (the like-for-like
-baseline where that is faster, as on AMD CPUs; see ``_onednn_train_step_seconds``), the
-recording pass alone (``analyze(..., max_iter=0)``: forward and backward through the
-recording copy, reservoir filled, no eigensolver), ``analyze(method="fast")`` and
-``analyze(method="exact")`` on the same targets, and the fidelity of fast against exact
-(median relative error of the smallest eigenvalue, share of neurons off by more than 3%,
-Jaccard overlap of the plans ``select`` makes from each). Every time is the median of warm
-runs (see ``_timed``). On DeiT-S the exact path on all 48 layers would take about 16
-minutes on one core (81 s for block 0), so both methods are compared on the four layers of
-block 0 (qkv, proj, fc1, fc2); ``fast`` is also run on every layer.
+For each model, on one batch, measured interleaved (one of each per round, medians of the
+rounds after a warm-up): the plain PyTorch training step (forward, backward, AdamW step;
+PyTorch's own kernels, MKL's GEMM on x86), the recording pass alone (``analyze(...,
+max_iter=0)``: forward and backward through the recording copy, no eigensolver) and
+``analyze(method="fast")`` on every layer, the headline ratio. Then ``fast`` and ``exact``
+on the same targets, and the fidelity of fast against exact (median relative error of the
+smallest eigenvalue, share of neurons off by more than 3%, Jaccard overlap of the plans
+``select`` makes from each), and the Lanczos products per neuron by layer kind (the
+solver's own counts, ``EigenResult.steps``). On DeiT-S the exact path on all 48 layers
+would take about 16 minutes on one core, so both methods are compared on the four layers
+of block 0 (qkv, proj, fc1, fc2).
+
+The header names the CPU, the GEMM path the analysis took on it and why
+(``fxgrow.passes.analysis.gemm.gemm_path``: oneDNN only where it is float32-accurate and
+faster) and the float32 error of each GEMM against float64. Every time is float32; no
+baseline runs in another precision.
 
     .venv/bin/python benchmarks/bench_analyze.py [--skip-deit] [--threads 1]
 
 One thread by default: on a machine shared with other jobs, a second intra-op thread made
-every step here many times slower (OpenMP threads waiting on each other).
+every step here many times slower (OpenMP threads waiting on each other). The load average
+is printed: compare ratios, which are measured under the same load, not seconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import statistics
 import time
+from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
 
 import fxgrow
 from fxgrow.passes import analyze, default_targets
+from fxgrow.passes.analysis import splitting
+from fxgrow.passes.analysis.gemm import gemm_path
 
 
-def _timed(fn, repeats: int = 2, warm_up: bool = True):
-    """Median wall time of ``repeats`` runs after one untimed warm-up, and the last result.
-
-    The first run of anything large pays for fresh allocations (page faults until glibc's
-    malloc has raised its mmap threshold); a training loop that analyses every few epochs
-    runs warm, so warm runs are what is compared. (The exact path, minutes long, is timed
-    once, cold: its warm-up would change nothing that matters.)"""
-    out = fn() if warm_up else None
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
-def _train_step_seconds(gm, x, y) -> float:
+def _interleaved(fns: dict, rounds: int = 3) -> tuple[dict[str, float], dict]:
+    """Median wall time of each function over ``rounds`` rounds that run each once, after
+    one untimed warm-up of each, and each one's last result. Interleaving puts every
+    function under the same load; the warm-up pays the first run's fresh allocations and
+    oneDNN's kernel builds, which a training loop that analyses every few epochs does not
+    pay again."""
+    out = {name: fn() for name, fn in fns.items()}
+    times = defaultdict(list)
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            out[name] = fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}, out
+
+
+def _timed_once(fn):
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def _train_step(gm, x, y):
     opt = torch.optim.AdamW(gm.parameters(), lr=1e-4)
-    gm.train()
 
     def step():
+        gm.train()
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(gm(x), y).backward()
         opt.step()
+        opt.zero_grad(set_to_none=True)
+        gm.eval()
 
-    seconds, _ = _timed(step, repeats=3)
-    opt.zero_grad(set_to_none=True)
-    gm.eval()
-    return seconds
+    return step
 
 
-def _onednn_train_step_seconds(gm, x, y) -> tuple[float, str]:
-    """The training step again with every float32 GEMM routed through oneDNN, as ``analyze``
-    routes its own (fxgrow/passes/analysis/gemm.py: the eigensolver's and the recording copy's linears):
-    the like-for-like baseline on a CPU where oneDNN's GEMM is faster than MKL's. PyTorch
-    exposes that routing only as oneDNN's bf16 math mode, so the note says whether this
-    CPU's results stayed float32-accurate."""
-    g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(512, 384, generator=g), torch.randn(384, 256, generator=g)
-    exact = a.double() @ b.double()
-    saved = torch.backends.mkldnn.matmul.fp32_precision
+def _products_per_neuron(gm, batches) -> dict[str, float]:
+    """Lanczos products per neuron by layer kind (the last part of the target's name), from
+    the per-matrix counts of one ``fast`` analysis of every layer."""
+    results = {}
+    solve_fast = splitting.solve_fast
+
+    def capture(problems, **kwargs):
+        out = solve_fast(problems, **kwargs)
+        results.update(out)
+        return out
+
+    splitting.solve_fast = capture
     try:
-        plain = float((a @ b - exact).abs().max())
-        torch.backends.mkldnn.matmul.fp32_precision = "bf16"
-        routed = float((a @ b - exact).abs().max())
-        seconds = _train_step_seconds(gm, x, y)
+        analyze(gm, batches, F.cross_entropy, progress=False)
     finally:
-        torch.backends.mkldnn.matmul.fp32_precision = saved
-    accuracy = "float32-accurate here" if routed <= 4 * plain else "bf16 math on this CPU"
-    return seconds, f"GEMM max error {routed:.1e} vs MKL {plain:.1e}: {accuracy}"
+        splitting.solve_fast = solve_fast
+    kinds = defaultdict(lambda: [0, 0])
+    for target, result in results.items():
+        kind = kinds[target.rsplit(".", 1)[-1]]
+        kind[0] += int(result.steps.sum())
+        kind[1] += result.steps.numel()
+    return {kind: products / neurons for kind, (products, neurons) in kinds.items()}
 
 
 def _fidelity(fast, exact, budget):
@@ -100,45 +130,53 @@ def _fidelity(fast, exact, budget):
 
 def bench(name, gm, x, y, exact_targets, rows, reservoirs=()):
     batches = [(x, y)]
-    # Weights move a little from their init so the spectra are not those of a fresh model.
-    train = _train_step_seconds(gm, x, y)
     everything = default_targets(gm)
-    record, _ = _timed(lambda: analyze(gm, batches, F.cross_entropy, max_iter=0, progress=False))
-    fast_all_s, fast_all = _timed(lambda: analyze(gm, batches, F.cross_entropy, progress=False))
-    fast_s, fast = _timed(lambda: analyze(gm, batches, F.cross_entropy, targets=exact_targets,
-                                          progress=False))
-    exact_s, exact = _timed(lambda: analyze(gm, batches, F.cross_entropy, targets=exact_targets,
-                                            method="exact", progress=False), repeats=1,
-                            warm_up=False)
+    seconds, out = _interleaved({
+        "train": _train_step(gm, x, y),
+        "record": lambda: analyze(gm, batches, F.cross_entropy, max_iter=0, progress=False),
+        "fast": lambda: analyze(gm, batches, F.cross_entropy, progress=False),
+    })
+    train = seconds["train"]
+    fast_all = out["fast"]
+    fast_s, fast = _interleaved({"fast": lambda: analyze(
+        gm, batches, F.cross_entropy, targets=exact_targets, progress=False)}, rounds=2)
+    fast_s, fast = fast_s["fast"], fast["fast"]
+    exact_s, exact = _timed_once(lambda: analyze(gm, batches, F.cross_entropy,
+                                                 targets=exact_targets, method="exact",
+                                                 progress=False))
     neurons = sum(exact.eigenvalues[t].numel() for t in exact.targets)
     med, off, jac = _fidelity(fast, exact, budget=max(1, neurons // 10))
     unconverged = sum(fast_all.nonconverged.values())
     tokens = next(iter(fast_all.tokens.values()))
-    train_onednn, onednn_note = _onednn_train_step_seconds(gm, x, y)
-    rows.append((name, "train step (fwd+bwd+AdamW)", train, 1.0, ""))
-    rows.append((name, "train step, oneDNN GEMMs", train_onednn, train_onednn / train,
-                 onednn_note))
-    rows.append((name, f"record only, {len(everything)} layers", record, record / train, ""))
-    rows.append((name, f"fast, all {len(everything)} layers", fast_all_s, fast_all_s / train,
-                 f"{tokens} tokens, unconverged {unconverged}; "
-                 f"{fast_all_s / train_onednn:.2f}x the oneDNN train step"))
+    products = _products_per_neuron(gm, batches)
+    rows.append((name, "train step (fwd+bwd+AdamW)", train, 1.0, "PyTorch's default kernels"))
+    rows.append((name, f"record only, {len(everything)} layers", seconds["record"],
+                 seconds["record"] / train, ""))
+    rows.append((name, f"fast, all {len(everything)} layers", seconds["fast"],
+                 seconds["fast"] / train, f"{tokens} tokens, unconverged {unconverged}"))
     label = "all layers" if len(exact_targets) == len(everything) else "block 0"
     rows.append((name, f"fast, {label} ({len(exact_targets)})", fast_s, fast_s / train, ""))
     rows.append((name, f"exact, {label} ({len(exact_targets)})", exact_s, exact_s / train,
-                 f"exact/fast = {exact_s / fast_s:.1f}x"))
+                 f"exact/fast = {exact_s / fast_s:.1f}x (exact timed once)"))
     rows.append((name, "fidelity fast vs exact", float("nan"), float("nan"),
                  f"median rel err {med:.1e}, off >3%: {off:.2%}, plan Jaccard {jac:.3f}"))
+    rows.append((name, "Lanczos products per neuron", float("nan"), float("nan"),
+                 ", ".join(f"{kind} {n:.2f}" for kind, n in products.items())))
     # The cost of a Lanczos step over a layer is about that of the layer's forward and
     # backward at the same token count, so the remaining lever is the reservoir size.
     for size in reservoirs:
         if size >= tokens:
             continue
         kw = dict(reservoir_tokens=size, progress=False)
-        sub_s, sub = _timed(lambda: analyze(gm, batches, F.cross_entropy, targets=exact_targets, **kw))
-        all_s, _ = _timed(lambda: analyze(gm, batches, F.cross_entropy, **kw))
-        med, off, jac = _fidelity(sub, exact, budget=max(1, neurons // 10))
-        rows.append((name, f"fast, reservoir {size}, all layers", all_s, all_s / train, ""))
-        rows.append((name, f"fast, reservoir {size}, {label}", sub_s, sub_s / train,
+        timed, sub = _interleaved({
+            "block": lambda: analyze(gm, batches, F.cross_entropy, targets=exact_targets, **kw),
+            "all": lambda: analyze(gm, batches, F.cross_entropy, **kw),
+        }, rounds=2)
+        med, off, jac = _fidelity(sub["block"], exact, budget=max(1, neurons // 10))
+        rows.append((name, f"fast, reservoir {size}, all layers", timed["all"],
+                     timed["all"] / train, ""))
+        rows.append((name, f"fast, reservoir {size}, {label}", timed["block"],
+                     timed["block"] / train,
                      f"vs exact (all tokens): median rel err {med:.1e}, Jaccard {jac:.3f}"))
 
 
@@ -149,6 +187,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    load_before = os.getloadavg()[0]
     rows: list[tuple] = []
 
     gm = fxgrow.models.tiny_vit_reduced(img_size=32)
@@ -161,7 +200,11 @@ def main() -> None:
         block0 = [t for t in default_targets(gm) if t.startswith("blocks.0.")]
         bench("deit_small_reduced 224px b16", gm, x, y, block0, rows, reservoirs=(1024,))
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    path = gemm_path()
+    print(f"CPU: {_cpu_model()} ({platform.machine()}); torch {torch.__version__}, "
+          f"{torch.get_num_threads()} thread(s); load average {load_before:.2f} before, "
+          f"{os.getloadavg()[0]:.2f} after")
+    print(f"analysis GEMM path: {path.describe()}")
     print(f"{'model':<30} {'what':<30} {'seconds':>9} {'x train':>8}  notes")
     for name, what, seconds, ratio, notes in rows:
         s = "" if seconds != seconds else f"{seconds:9.2f}"

@@ -1,8 +1,10 @@
 """The kernel choices of the splitting analysis, measured on this machine in one run.
 
-1. Float32 GEMM: oneDNN (``fxgrow.passes.analysis.gemm.gemm_nt``, what the eigensolver and the
-   recording copy use) against ``torch.matmul`` (MKL on x86 builds), on the eigensolver's
-   product shape for one fc1 layer of reduced DeiT-S at batch 16: (3152 x 384) x (384 x 576).
+1. Float32 GEMM: oneDNN's linear op against ``torch.matmul`` (MKL on x86 builds), on the
+   eigensolver's product shape for one fc1 layer of reduced DeiT-S at batch 16: (3152 x 384)
+   x (384 x 576); and which of the two the analysis takes on this CPU
+   (``fxgrow.passes.analysis.gemm.gemm_path``: oneDNN only where it is float32-accurate and
+   faster).
 2. oneDNN's cost for a GEMM shape it has not seen (it builds a kernel per shape), against a
    repeat of a shape it has: why the eigensolver pads its shrinking active set to a few
    widths per power of two (``eigen._gemm_width``).
@@ -45,22 +47,24 @@ def gemm_throughput(tokens: int = 3152, dim: int = 384, count: int = 576) -> Non
     b = torch.randn(count, dim, generator=g)
     flops = tokens * dim * count  # multiply-adds
     rows = [("torch.matmul (MKL)", _median_seconds(lambda: a @ b.T))]
-    if gemm.onednn_applies(a):
-        rows.append(("oneDNN (gemm_nt)", _median_seconds(lambda: gemm.gemm_nt(a, b))))
+    op = gemm.onednn_op()
+    if op is not None:
+        rows.append(("oneDNN linear", _median_seconds(lambda: op(a, b, None, "none", [], ""))))
     else:
-        print("oneDNN's linear op is not available in this build: gemm_nt uses torch.matmul")
+        print("oneDNN's linear op is not available in this build")
     print(f"float32 GEMM ({tokens} x {dim}) x ({dim} x {count}), one multiply-add = 2 flops")
     for name, seconds in rows:
         print(f"  {name:<20} {seconds * 1e3:8.2f} ms  {2 * flops / seconds / 1e9:7.1f} GFLOP/s")
     if len(rows) == 2:
         print(f"  oneDNN / MKL speed: {rows[0][1] / rows[1][1]:.2f}x")
+    print(f"  the analysis takes: {gemm.gemm_path().describe()}")
 
 
 def new_shape_cost(tokens: int = 3152, dim: int = 384) -> None:
     g = torch.Generator().manual_seed(1)
     a = torch.randn(tokens, dim, generator=g)
     if not gemm.onednn_applies(a):
-        return
+        return  # the analysis takes matmul here, which builds no kernel per shape
     widths = [501 + 3 * i for i in range(12)]  # shapes not seen before in this process
     first = []
     for width in widths:

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from fxgrow.errors import AnalysisError
+from fxgrow.passes.analysis.solve import Problem, solve_fast
 from fxgrow.passes.analysis.eigen import (
     exact_smallest,
     lanczos_smallest,
@@ -203,13 +204,38 @@ def test_first_step_gives_noisy_unit_starts_and_their_products(dtype, bias):
 def test_lanczos_from_a_start_and_its_product():
     x, h, dense = _problem(300, 40, 25)
     start, product = splitting_first_step(splitting_matvec(x, h, 0.7), seed=1)
+    given = product.clone()
     result = lanczos_smallest(
         splitting_matvec(x, h, 0.7), 25, 40, tol=1e-8, start=start, start_product=product
     )
     reference = torch.linalg.eigvalsh(dense)[:, 0]
     torch.testing.assert_close(result.values, reference, rtol=1e-10, atol=0)
+    assert torch.equal(product, given)  # the caller's products are left as they were
     with pytest.raises(AnalysisError, match="start_product needs"):
         lanczos_smallest(splitting_matvec(x, h, 0.7), 25, 40, start_product=product)
     with pytest.raises(AnalysisError, match="start_product must have shape"):
         lanczos_smallest(splitting_matvec(x, h, 0.7), 25, 40, start=start,
                          start_product=product[:3])
+
+
+def test_a_stacked_run_gives_each_target_the_result_of_a_run_of_its_own():
+    # Equal matrix sizes share one Lanczos run (solve.py). "quick" meets the tolerance from
+    # its start (its gradient lives on two tokens); "slow" and "slower" have dense spectra
+    # and run many steps, so the rows of each part leave the run on different schedules.
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(400, 47, generator=g)
+    quick = torch.zeros(400, 30)
+    quick[:2] = torch.randn(2, 30, generator=g)
+    problems = [
+        Problem("slow", x, torch.randn(400, 50, generator=g), 0.3, True, 5),
+        Problem("quick", x.flip(0), quick, 0.3, True, 6),
+        Problem("slower", x.roll(7, 0), torch.randn(400, 20, generator=g), 0.3, True, 7),
+    ]
+    options = dict(tol=1e-3, max_iter=30, eigenvectors=True, device=torch.device("cpu"))
+    together = solve_fast(problems, **options)
+    assert int(together["quick"].steps.max()) < int(together["slow"].steps.min())
+    for p in problems:
+        alone = solve_fast([p], **options)[p.target]
+        for field in ("values", "vectors", "residuals", "converged", "steps"):
+            assert torch.equal(getattr(alone, field), getattr(together[p.target], field)), \
+                (p.target, field)

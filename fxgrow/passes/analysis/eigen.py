@@ -12,7 +12,8 @@ Two paths, both batched over the J neurons of a layer:
 
 ``splitting_matvec`` builds the product for splitting matrices of the form
 ``S_j = scale * X^T diag(h_j) X``: ``P = X V^T``, ``R = (H * P)^T X`` (two GEMMs per step,
-through oneDNN for float32: ``fxgrow.passes.analysis.gemm``), and ``splitting_first_step``
+through ``fxgrow.passes.analysis.gemm``: oneDNN for float32 where it is float32-accurate and
+faster), and ``splitting_first_step``
 start vectors for them, built from the tokens that dominate every S_j, with their random
 part and their products at the cost of one GEMM. ``stacked_matvec`` joins
 the products of several layers so that one Lanczos run serves them all.
@@ -47,15 +48,20 @@ class EigenResult:
     """Smallest eigenpair of each of J matrices.
 
     ``residuals[j]`` is ``||S_j v_j - lambda_j v_j||`` (estimated from the Lanczos recurrence
-    for the iterative path), ``converged[j]`` whether it met the tolerance, ``iterations``
-    the number of products the longest-running matrix needed.
+    for the iterative path), ``converged[j]`` whether it met the tolerance, ``steps[j]`` the
+    number of Lanczos products matrix j took (0 for the dense path), ``iterations`` the
+    largest of them.
     """
 
     values: torch.Tensor  # (J,) float64
     vectors: torch.Tensor | None  # (J, D) float64, unit norm
     residuals: torch.Tensor  # (J,) float64
     converged: torch.Tensor  # (J,) bool
-    iterations: int
+    steps: torch.Tensor  # (J,) int64
+
+    @property
+    def iterations(self) -> int:
+        return int(self.steps.max()) if self.steps.numel() else 0
 
     @property
     def nonconverged(self) -> int:
@@ -94,7 +100,7 @@ def exact_smallest(
         vectors=torch.cat(vectors) if eigenvectors and vectors else None,
         residuals=torch.zeros_like(vals),
         converged=torch.ones(vals.shape, dtype=torch.bool, device=vals.device),
-        iterations=0,
+        steps=torch.zeros(vals.shape, dtype=torch.int64, device=vals.device),
     )
 
 
@@ -211,7 +217,8 @@ def splitting_first_step(
     (T, 16) products: the first Lanczos product costs one GEMM, not two. Returns (J, D)
     float64 unit rows and their products in ``x``'s dtype."""
     x, h, bias = product.x, product.h, product.bias
-    count, dim = h.shape[1], x.shape[1] + int(bias)
+    count, fan_in = h.shape[1], x.shape[1]
+    dim = fan_in + int(bias)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     shared = torch.randn(dim, _RANDOM_RANK, generator=generator, dtype=torch.float64).to(x.device)
     mixing = torch.randn(count, _RANDOM_RANK, generator=generator, dtype=torch.float64)
@@ -219,45 +226,51 @@ def splitting_first_step(
     random = mixing @ shared.T
     if x.shape[0] == 0:  # no tokens: S_j = 0
         return _unit(random), torch.zeros(count, dim, dtype=x.dtype, device=x.device)
-    basis, y, coefficients = _token_ritz(x, h, bias, tokens)  # unit Ritz vectors
-    mixing = mixing * (noise / random.norm(dim=1, keepdim=True))
-    start = coefficients @ basis.T + mixing @ shared.T
+    basis = _token_basis(x, h, bias, tokens)
+    k = basis.shape[1]
+    # Every start is a combination of these directions; the tokens' coordinates in them,
+    # x~ directions (T, k + 16), take one GEMM, and so do the starts' products x~ q.
+    directions = torch.cat([basis, shared], 1)
+    weights = directions[:fan_in].to(x.dtype)
+    z = gemm_nt(x, weights.T, directions[fan_in].to(x.dtype) if bias else None)
+    coefficients = _ritz_coefficients(z[:, :k], h)  # unit Ritz vectors in the basis
+    combined = torch.cat([coefficients, mixing * (noise / random.norm(dim=1, keepdim=True))], 1)
+    start = combined @ directions.T
     norms = start.norm(dim=1, keepdim=True)
-    start, coefficients, mixing = start / norms, coefficients / norms, mixing / norms
-    x_shared = x @ shared[: x.shape[1]].to(x.dtype)
-    if bias:
-        x_shared += shared[x.shape[1]].to(x.dtype)
-    p = gemm_nt(y, coefficients.to(x.dtype)) + gemm_nt(x_shared, mixing.to(x.dtype))  # x~ q
+    start, combined = start / norms, combined / norms
+    p = gemm_nt(z, combined.to(x.dtype))  # x~ q: (T, J)
     p *= h
     return start, product.inputs_times(p)
 
 
-def _token_ritz(
-    x: torch.Tensor, h: torch.Tensor, bias: bool, tokens: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The orthonormal basis (D, k) of the ``tokens`` inputs with the largest gradient
-    energy, the inputs' coordinates in it ``y = x~ basis`` (T, k), and each neuron's
-    Rayleigh-Ritz coefficients (J, k) in it."""
-    k = min(tokens, x.shape[0])
-    top = h.square().sum(1).topk(k).indices
+def _token_basis(x: torch.Tensor, h: torch.Tensor, bias: bool, tokens: int) -> torch.Tensor:
+    """An orthonormal basis (D, k), float64, of the ``tokens`` inputs x~ with the largest
+    gradient energy ``sum_j h[t, j]^2``."""
+    top = h.square().sum(1).topk(min(tokens, x.shape[0])).indices
     chosen = x[top].double()
     if bias:
         chosen = torch.cat([chosen, torch.ones_like(chosen[:, :1])], 1)
-    basis, _ = torch.linalg.qr(chosen.T)  # (D, k) orthonormal, k <= D
-    k = basis.shape[1]
+    basis, _ = torch.linalg.qr(chosen.T)  # k <= D columns
+    return basis
+
+
+def _ritz_coefficients(y: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Each neuron's Rayleigh-Ritz vector (J, k), unit norm, in the subspace where the tokens
+    have coordinates ``y`` (T, k): the smallest eigenvector of ``y^T diag(h_j) y``."""
+    k = y.shape[1]
     # The projection needs little precision (it only picks a start), so it runs in the
-    # data's dtype; the k x k eigenproblems are solved in float64.
-    y = x @ basis[: x.shape[1]].to(x.dtype)
-    if bias:
-        y += basis[x.shape[1]].to(x.dtype)
-    upper = torch.triu_indices(k, k, device=x.device)
-    products = (y[:, upper[0]] * y[:, upper[1]]).to(h.dtype)  # (T, k (k + 1) / 2)
-    projected = torch.zeros(h.shape[1], k, k, dtype=torch.float64, device=x.device)
-    projected[:, upper[0], upper[1]] = gemm_nt(products.T, h.T).T.double()
+    # data's dtype; the k x k eigenproblems are solved in float64. The coordinate pairs
+    # (a <= b) are built a row of the triangle at a time: a gather by index costs more.
+    pairs = torch.cat([y[:, a : a + 1] * y[:, a:] for a in range(k)], 1).to(h.dtype)
+    upper = torch.triu_indices(k, k, device=y.device)
+    projected = torch.zeros(h.shape[1], k, k, dtype=torch.float64, device=y.device)
+    projected[:, upper[0], upper[1]] = gemm_nt(pairs.T, h.T).T.double()
     projected = projected + projected.transpose(1, 2)
     projected.diagonal(dim1=1, dim2=2).mul_(0.5)
-    _, vectors = torch.linalg.eigh(projected)
-    return basis, y, vectors[:, :, 0]
+    # The smallest eigenvalues, then their vectors by inverse iteration: together half the
+    # time of a batched eigh, which also finds the k - 1 vectors not needed here.
+    lowest = torch.linalg.eigvalsh(projected)[:, 0]
+    return _eigenvector(projected, lowest, steps=1)
 
 
 # Where numpy's batched dense solver stops beating bisection per matrix (O(m^3) against
@@ -314,20 +327,26 @@ def _smallest_tridiagonal(
 def _tridiagonal_vector(
     alpha: torch.Tensor, beta: torch.Tensor, theta: torch.Tensor
 ) -> torch.Tensor:
-    """Unit eigenvectors of the tridiagonals for eigenvalues ``theta``, by two steps of
-    inverse iteration (an LU solve, not an eigensolver)."""
-    j, m = alpha.shape
+    """Unit eigenvectors of the tridiagonals for eigenvalues ``theta``."""
     tri = torch.diag_embed(alpha)
-    if m > 1:
+    if alpha.shape[1] > 1:
         tri = tri + torch.diag_embed(beta, 1) + torch.diag_embed(beta, -1)
-    norm = tri.abs().sum(2).amax(1)
+    return _eigenvector(tri, theta, steps=2)
+
+
+def _eigenvector(matrices: torch.Tensor, theta: torch.Tensor, *, steps: int) -> torch.Tensor:
+    """Unit eigenvectors of symmetric ``matrices`` (J, m, m) for their eigenvalues ``theta``,
+    by ``steps`` steps of inverse iteration shifted just below theta: one LU factorisation
+    and a solve per step, not an eigensolver."""
+    j, m, _ = matrices.shape
+    norm = matrices.abs().sum(2).amax(1)
     shift = theta - 1e-10 * norm - torch.finfo(torch.float64).tiny
-    shifted = tri - shift[:, None, None] * torch.eye(m, dtype=alpha.dtype, device=alpha.device)
-    y = torch.ones(j, m, 1, dtype=alpha.dtype, device=alpha.device)
-    for _ in range(2):
-        y = torch.linalg.solve(shifted, _unit(y))
-    y = y[:, :, 0]
-    return _unit(y)
+    eye = torch.eye(m, dtype=matrices.dtype, device=matrices.device)
+    lu, pivots = torch.linalg.lu_factor(matrices - shift[:, None, None] * eye)
+    y = torch.ones(j, m, 1, dtype=matrices.dtype, device=matrices.device)
+    for _ in range(steps):
+        y = torch.linalg.lu_solve(lu, pivots, _unit(y))
+    return _unit(y[:, :, 0])
 
 
 def lanczos_smallest(
@@ -381,11 +400,12 @@ def lanczos_smallest(
     values = torch.zeros(count, **f64)
     residuals = torch.zeros(count, **f64)
     converged = torch.zeros(count, dtype=torch.bool, device=device)
+    taken = torch.zeros(count, dtype=torch.int64, device=device)
     vectors = torch.zeros(count, dim, **f64) if eigenvectors else None
     steps = min(max_iter, dim)
     if count == 0 or dim == 0 or steps == 0:
         converged[:] = count == 0 or dim == 0
-        return EigenResult(values, vectors, residuals, converged, 0)
+        return EigenResult(values, vectors, residuals, converged, taken)
 
     first = _first_vectors(count, dim, start, start_product, seed, dtype, device)
     # The basis grows by doubling: most matrices converge within a few steps, and a buffer
@@ -401,17 +421,15 @@ def lanczos_smallest(
     # An exhausted Krylov space shows as a beta at rounding level, which depends on dtype.
     exhausted_level = 1e-12 if dtype == torch.float64 else 100 * torch.finfo(dtype).eps
     live = torch.ones(count, dtype=torch.bool, device=device)  # not yet recorded
-    done_at = 0
     for k in range(steps):
         q = basis[:, k]
         if k == 0 and start_product is not None:
-            w = start_product.to(device, dtype)
+            w = start_product.to(device, dtype, copy=True)  # w is updated in place
         else:
             w = matvec(q, rows).to(dtype)
         alpha, beta = _orthogonalise(w, basis, k, betas, live)
         alphas[:, k] = alpha.double()
         betas[:, k] = beta.double()
-        done_at = k + 1
 
         theta, res, exhausted, norm_est = _ritz_values(alphas, betas, k, live, norm_est,
                                                        exhausted_level)
@@ -423,6 +441,7 @@ def lanczos_smallest(
             values[idx] = theta[leaving]
             residuals[idx] = torch.where(exhausted[leaving], 0.0, res[leaving])
             converged[idx] = finished[leaving] | (k + 1 == dim)
+            taken[idx] = k + 1
             if eigenvectors:
                 vectors[idx] = _ritz_vectors(basis[leaving, : k + 1], alphas[leaving, : k + 1],
                                              betas[leaving, :k], theta[leaving])
@@ -439,7 +458,7 @@ def lanczos_smallest(
                 w, rows, alphas, betas = w[keep], rows[keep], alphas[keep], betas[keep]
                 norm_est, live, segment = norm_est[keep], live[keep], segment[keep]
         basis[:, k + 1] = w
-    return EigenResult(values, vectors, residuals, converged, done_at)
+    return EigenResult(values, vectors, residuals, converged, taken)
 
 
 def _kept_rows(live: torch.Tensor, segment: torch.Tensor, segments: int) -> torch.Tensor | None:
@@ -459,20 +478,20 @@ def _first_vectors(
 ) -> torch.Tensor:
     """The first Krylov vector of every matrix (not yet normalised): the given starts, with
     a seeded random part mixed in unless their products were given too; else random."""
+    if start is not None and start.shape != (count, dim):
+        raise AnalysisError(f"start must have shape {(count, dim)}, got {tuple(start.shape)}")
+    if start_product is not None:
+        if start is None:
+            raise AnalysisError("start_product needs the start vectors it is the product of")
+        if start_product.shape != (count, dim):
+            raise AnalysisError(f"start_product must have shape {(count, dim)}, "
+                                f"got {tuple(start_product.shape)}")
+        return start.to(device, dtype)  # the random part is in already: none drawn here
     generator = torch.Generator(device="cpu").manual_seed(seed)
     first = torch.randn(count, dim, generator=generator, dtype=dtype).to(device)
     if start is None:
-        if start_product is not None:
-            raise AnalysisError("start_product needs the start vectors it is the product of")
         return first
-    if start.shape != (count, dim):
-        raise AnalysisError(f"start must have shape {(count, dim)}, got {tuple(start.shape)}")
-    if start_product is None:
-        return _unit(start.to(device, dtype)) + START_NOISE * _unit(first)
-    if start_product.shape != (count, dim):
-        raise AnalysisError(f"start_product must have shape {(count, dim)}, "
-                         f"got {tuple(start_product.shape)}")
-    return start.to(device, dtype)
+    return _unit(start.to(device, dtype)) + START_NOISE * _unit(first)
 
 
 def _orthogonalise(

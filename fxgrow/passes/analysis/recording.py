@@ -2,7 +2,8 @@
 
 The copy shares the graph's modules and returns, next to the model's output, every target
 site's input and (tracked) output, and for the activation form the activation's output.
-Its plain linears run through oneDNN's float32 GEMM (:mod:`.gemm`). Each batch's loss is
+Its plain linears run through :mod:`.gemm` (oneDNN's float32 GEMM where the probe chose it,
+``F.linear`` elsewhere), with no parameter gradients. Each batch's loss is
 differentiated with respect to the recorded outputs only, so no parameter's ``.grad`` is
 touched, and every target's tokens (x_t, h_t) go to its accumulator (:mod:`.statistics`).
 """
@@ -94,8 +95,8 @@ def _in_place(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 def _route_linears_through_onednn(gm: fx.GraphModule, graph: fx.Graph) -> dict[fx.Node, fx.Node]:
     """Make every plain linear of ``graph`` (a copy of ``gm``'s) a call of :func:`.gemm.linear`:
-    the same float32 arithmetic through a faster GEMM where oneDNN is, with no gradient for
-    parameters. Linear subclasses keep their own forward.
+    the same float32 arithmetic, through oneDNN where :func:`.gemm.gemm_path` chose it, with
+    no gradient for parameters. Linear subclasses keep their own forward.
     Returns the nodes replaced, each mapped to its replacement."""
     replaced: dict[fx.Node, fx.Node] = {}
     for node in list(graph.nodes):

@@ -87,7 +87,7 @@ def _solve_together(
             vectors=result.vectors[begin:end] if result.vectors is not None else None,
             residuals=result.residuals[begin:end],
             converged=result.converged[begin:end],
-            iterations=result.iterations,
+            steps=result.steps[begin:end],
         )
         begin = end
     return out
