@@ -9,9 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-_GROWN = ("splitting", "random", "uniform")
-
-
 def _figure(rows: int, cols: int, width: float, height: float, bottom: float = 0.6):
     # Fixed margins in inches (tight_layout costs more than drawing these figures).
     from matplotlib.figure import Figure
@@ -22,6 +19,11 @@ def _figure(rows: int, cols: int, width: float, height: float, bottom: float = 0
                         bottom=bottom / total, top=1 - 0.45 / total,
                         hspace=0.75, wspace=0.3)
     return fig, fig.subplots(rows, cols, squeeze=False)
+
+
+def _grew(run: dict[str, Any]) -> bool:
+    # A grown condition, one of the rules or a variant, is known by its growth records.
+    return bool(run["eigenvalues"])
 
 
 def _by_condition(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -96,8 +98,8 @@ def eigenvalues(run_dir: Path, title: str, path: Path) -> Path | None:
 def eigenvalue_trend(runs: list[dict[str, Any]], path: Path) -> Path | None:
     """Per grown condition, the most negative eigenvalue of the figure-2 targets at every
     round, mean over seeds (growth.jsonl's per-layer statistics)."""
-    grouped = {c: g for c, g in _by_condition(runs).items() if c in _GROWN
-               and any(r["eigenvalues"] for r in g)}
+    grouped = {c: [r for r in g if _grew(r)] for c, g in _by_condition(runs).items()}
+    grouped = {c: g for c, g in grouped.items() if g}
     if not grouped:
         return None
     first = next(r for g in grouped.values() for r in g if r["eigenvalues"])
@@ -158,9 +160,9 @@ def plot_all(study_dir: Path, runs: list[dict[str, Any]]) -> list[Path]:
     written = [learning_curves(runs, out / "learning_curves.png"),
                eigenvalue_trend(runs, out / "eigenvalue_trend.png")]
     for condition, group in _by_condition(runs).items():
-        if condition not in _GROWN:
+        first = next((r for r in group if _grew(r)), None)
+        if first is None:
             continue
-        first = group[0]
         name = run_name(condition, first["seed"])
         run_dir = study_dir / "runs" / name
         written.append(eigenvalues(run_dir, name, out / f"eigenvalues_{name}.png"))
