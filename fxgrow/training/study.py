@@ -225,8 +225,11 @@ def describe_variant(name: str, variant: dict[str, Any], spec: dict[str, Any]) -
     for key, label in (("head_dim", "head dim"), ("mlp_hidden", "MLP hidden")):
         if key in variant and float(variant[key]) != float(spec[key]):
             changes.append(f"{label} x{float(variant[key]):g} (base x{float(spec[key]):g})")
+    from .scaler import ScalingSchedule
+
+    defaults = {f.name: f.default for f in dataclasses.fields(ScalingSchedule)}
     for key, value in sorted(variant.get("schedule", {}).items()):
-        changes.append(f"{key} {value!r} (base {spec['schedule'].get(key, 'default')!r})")
+        changes.append(f"{key} {value!r} (base {spec['schedule'].get(key, defaults[key])!r})")
     return f"`{name}`: splitting with " + (", ".join(changes) if changes else "no change")
 
 
