@@ -324,3 +324,16 @@ def test_variants_run_as_they_say_and_appear_in_the_report(tmp_path):
     assert "- `sparse`: splitting with rule uniform, interval 2 (base 1)" in text
     for plot in ("eigenvalues_fused-seed0", "depth_sparse-seed0"):
         assert (tmp_path / "s" / "plots" / f"{plot}.png").stat().st_size > 0
+
+
+def test_a_run_does_not_depend_on_the_epoch_a_shared_teacher_bundle_was_left_at(tmp_path):
+    # A study runs every condition on one bundle; the previous run leaves its per-epoch
+    # training draw at its last epoch, which must not leak into the next run's analysis.
+    spec = study.quick_spec("teacher")
+    shared = study.study_data(spec)
+    shared.train.set_epoch(7)
+    study.run_one(spec, "splitting", 0, tmp_path / "shared", bundle=shared)
+    study.run_one(spec, "splitting", 0, tmp_path / "fresh")
+    for log in ("metrics.jsonl", "growth.jsonl"):
+        assert _without_time(_jsonl(tmp_path / "shared" / log)) == _without_time(
+            _jsonl(tmp_path / "fresh" / log))
