@@ -37,7 +37,9 @@ def learning_curves(runs: list[dict[str, Any]], path: Path) -> Path:
     """Validation top-1 and loss per epoch: per condition the mean over seeds (over the
     seeds that reached the epoch) and a min..max band."""
     fig, axes = _figure(1, 2, 6.0, 4.0)
-    for condition, group in _by_condition(runs).items():
+    for index, (condition, group) in enumerate(_by_condition(runs).items()):
+        # matplotlib cycles 10 colours: the six conditions and the variants need more.
+        style = ("-", "--", ":")[index // 10 % 3]
         for ax, key in zip(axes[0], ("top1", "val_loss")):
             length = max(len(r["curve"][key]) for r in group)
             epochs, mean, low, high = [], [], [], []
@@ -47,7 +49,7 @@ def learning_curves(runs: list[dict[str, Any]], path: Path) -> Path:
                 mean.append(sum(values) / len(values))
                 low.append(min(values))
                 high.append(max(values))
-            line, = ax.plot(epochs, mean, label=f"{condition} (n={len(group)})")
+            line, = ax.plot(epochs, mean, style, label=f"{condition} (n={len(group)})")
             ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.15)
     axes[0][0].set_ylabel("validation top-1 (%)")
     axes[0][1].set_ylabel("validation loss")
