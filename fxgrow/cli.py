@@ -50,11 +50,15 @@ examples:
   fxgrow study --data teacher --model-kwargs '{"embed_dim": 64, "depth": 4, "num_heads": 4}' \\
       --img-size 16 --epochs 16 --lr 2e-3 --warmup 4 --interval 3 --end-epoch 13 \\
       --param-target 175000 --layer-threshold 4 --seeds 0,1,2 --run-dir studies/teacher
+  fxgrow study --quick --variants '{"fused": {"schedule": {"mode": "fused"}}}' --run-dir studies/qf
+  fxgrow study --full --data teacher --run-dir studies/full-teacher   # benchmarks/bench_study.py
   fxgrow study --resume studies/teacher       # continue a killed study
   fxgrow study --report studies/teacher       # rewrite report.md, report.json and plots/
 
 --data is "digits", "teacher" (random inputs labelled by a random full-width model, fresh
 samples every epoch) or an ImageFolder root. The dense condition needs --param-target.
+--variants adds named grown conditions (a rule, the base's head-dim and MLP ratios, schedule
+overrides; docs/study.md), run besides --conditions (default: the six and every variant).
 """
 
 
@@ -188,6 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quick", action="store_true",
                    help="the test suite's tiny study (2 conditions, 1 seed, 3 epochs); "
                         "ignores the model and training options")
+    t.add_argument("--full", action="store_true",
+                   help="the benchmark's full study (the six conditions and the paper's "
+                        "optional axes as variants; docs/study.md) on --data digits or "
+                        "teacher; ignores the model and training options")
+    t.add_argument("--variants", default=None, metavar="JSON_OR_PATH",
+                   help="extra grown conditions: a JSON object name -> {rule, head_dim, "
+                        "mlp_hidden, schedule}, or a path to a JSON file holding one")
     t.add_argument("--report", default=None, metavar="STUDY_DIR",
                    help="rewrite the report and plots of STUDY_DIR without training")
 
@@ -633,14 +644,48 @@ def compare_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _variants(text: str | None) -> dict[str, Any]:
+    """--variants: a JSON object, or the path of a JSON file holding one."""
+    if text is None:
+        return {}
+    source = "--variants"
+    if not text.lstrip().startswith("{"):
+        path = Path(text)
+        if not path.is_file():
+            raise ConfigError(f"--variants {text!r} is neither a JSON object nor a file")
+        source, text = f"--variants file {path}", path.read_text()
+    try:
+        variants = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{source} is not JSON: {exc}") from exc
+    if not isinstance(variants, dict):
+        raise ConfigError(f"{source} must be a JSON object of name -> variant, got "
+                          f"{type(variants).__name__}")
+    return variants
+
+
+def _with_variants(spec, variants: dict[str, Any]):
+    """``spec`` with ``variants`` added to its own and to its conditions (validated anew)."""
+    import dataclasses
+
+    new = [name for name in variants if name not in spec.conditions]
+    return dataclasses.replace(spec, variants={**spec.variants, **variants},
+                               conditions=[*spec.conditions, *new])
+
+
 def _study_spec(args: argparse.Namespace):
     import dataclasses
 
     from .training import study
 
-    if args.quick:
-        return study.quick_spec(args.data)
-    conditions = args.conditions.split(",") if args.conditions else list(study.CONDITIONS)
+    variants = _variants(args.variants)
+    if args.quick or args.full:
+        if args.full and args.data not in ("digits", "teacher"):
+            raise ConfigError(f"--full runs on --data digits or teacher, got {args.data!r}")
+        spec = (study.quick_spec if args.quick else study.full_spec)(args.data)
+        return _with_variants(spec, variants)
+    conditions = args.conditions.split(",") if args.conditions else [
+        *study.CONDITIONS, *variants]
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError as exc:
@@ -649,7 +694,7 @@ def _study_spec(args: argparse.Namespace):
     train = dataclasses.asdict(_train_config(args))
     del train["seed"]
     schedule = {}
-    if any(c in ("splitting", "random", "uniform", "dense") for c in conditions):
+    if variants or any(c in ("splitting", "random", "uniform", "dense") for c in conditions):
         schedule = _schedule(args).to_dict()
         del schedule["epochs"], schedule["rule"]
     return study.StudySpec(
@@ -659,6 +704,7 @@ def _study_spec(args: argparse.Namespace):
         head_dim=args.head_dim, mlp_hidden=args.mlp_hidden, conditions=conditions,
         seeds=seeds, train=train, schedule=schedule,
         teacher_train_size=args.teacher_train_size, teacher_val_size=args.teacher_val_size,
+        variants=variants,
     )
 
 
@@ -677,7 +723,9 @@ def cmd_study(args: argparse.Namespace) -> int:
     elif args.run_dir is None:
         raise ConfigError("give --run-dir (the study directory) or --resume STUDY_DIR")
     else:
-        if not args.quick:
+        if args.quick and args.full:
+            raise ConfigError("give at most one of --quick and --full")
+        if not (args.quick or args.full):
             _check_model_args(args)
             _check_reduce_args(args)
             _check_image_size(args)

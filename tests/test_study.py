@@ -203,7 +203,11 @@ def test_quick_study_resumes_checks_every_round_and_reruns_bitwise(tmp_path):
     assert _without_time(_jsonl(again / "growth.jsonl")) == _without_time(
         _jsonl(first / "growth.jsonl"))
 
-    # A finished study is not retrained; another spec in its directory is refused.
+    # A finished study is not retrained, even from a study.json written before variants
+    # existed; another spec in its directory is refused.
+    saved = json.loads((root / "study.json").read_text())
+    del saved["variants"]
+    (root / "study.json").write_text(json.dumps(saved))
     before = (first / "metrics.jsonl").stat().st_mtime_ns
     log = []
     study.run_study(study.quick_spec(), root, log=log.append, plots=False)
@@ -224,3 +228,112 @@ def test_cli_refuses_bad_conditions_before_writing(tmp_path):
     assert main(["study", "--conditions", "dense", "--budget", "8",
                  "--run-dir", str(root)]) == 2
     assert not root.exists()
+
+
+def _variant_spec(**variants):
+    spec = study.quick_spec()
+    return study.StudySpec.from_dict({**spec.to_dict(), "variants": variants,
+                                      "conditions": ["splitting", *variants]})
+
+
+@pytest.mark.parametrize("variants, match", [
+    ({"v": {"rulez": "random"}}, r"variant 'v': unknown keys \['rulez'\]"),
+    ({"a/b": {}}, "variant name 'a/b' must be"),
+    ({"..": {}}, r"variant name '\.\.' must be"),
+    ({"random": {}}, "variant name 'random' is one of the six"),
+    ({"v": []}, "variant 'v' must be an object"),
+    ({"v": {"rule": "greedy"}}, "variant 'v': rule must be one of"),
+    ({"v": {"head_dim": 0}}, r"variant 'v': head_dim must be a ratio in \(0, 1\]"),
+    ({"v": {"mlp_hidden": 2}}, r"variant 'v': mlp_hidden must be a ratio"),
+    ({"v": {"mlp_hidden": True}}, r"variant 'v': mlp_hidden must be a ratio"),
+    ({"v": {"schedule": {"intervall": 2}}}, "variant 'v': schedule: .*intervall"),
+    ({"v": {"schedule": {"interval": 0}}}, "variant 'v': schedule: interval must be at least"),
+    ({"v": {"schedule": {"mode": "sum"}}}, "variant 'v': schedule: mode must be one of"),
+    ({"v": {"schedule": {"budget_per_round": 8}}}, "variant 'v': schedule: give exactly one"),
+    ({"v": {"schedule": {"epochs": 9}}}, "variant 'v': schedule must not set 'epochs'"),
+    ({"v": {"schedule": {"rule": "random"}}}, "must not set 'rule'.*give the variant a rule"),
+    ({"v": {"schedule": [1]}}, "variant 'v': schedule must be an object"),
+])
+def test_bad_variants_are_refused(variants, match):
+    with pytest.raises(StudyError, match=match):
+        _variant_spec(**variants)
+
+
+def test_cli_refuses_bad_variants_before_writing(tmp_path):
+    from fxgrow.cli import main
+
+    root = tmp_path / "s"
+    listed = {"conditions": ["splitting", "nope"], "variants": {}}
+    with pytest.raises(StudyError, match=r"conditions \['nope'\] are neither"):
+        study.StudySpec.from_dict({**study.quick_spec().to_dict(), **listed})
+    (tmp_path / "v.json").write_text('{"x": {"schedule": {"interval": -1}}}')
+    for variants in ('{"x": {"head_dim": 3}}', str(tmp_path / "v.json"), '{"x": ',
+                     str(tmp_path / "missing.json"), "[1]"):
+        assert main(["study", "--quick", "--variants", variants, "--run-dir", str(root)]) == 2
+    assert main(["study", "--quick", "--full", "--run-dir", str(root)]) == 2
+    assert main(["study", "--full", "--data", str(tmp_path), "--run-dir", str(root)]) == 2
+    assert not root.exists()
+
+
+def test_variants_round_trip_and_an_old_spec_loads():
+    spec = study.full_spec("teacher")
+    assert set(study.FULL_VARIANTS) <= set(spec.conditions)
+    again = study.StudySpec.from_dict(json.loads(json.dumps(spec.to_dict())))
+    assert again == spec and again.to_dict() == spec.to_dict()
+    old = study.quick_spec().to_dict()
+    del old["variants"]  # a study.json written before variants existed
+    assert study.StudySpec.from_dict(old) == study.quick_spec()
+    # the full spec's optional axes: every base below the target it grows to
+    target = spec.param_target()
+    for name in study.FULL_VARIANTS:
+        assert count_params(study.condition_model(spec, name, 0, 10)) < target, name
+
+
+def test_reduction_variant_base_keeps_the_first_rows_of_the_same_init():
+    spec = _variant_spec(attn={"head_dim": 0.25, "mlp_hidden": 1.0})
+    embed, depth, heads, head_dim, hidden = 32, 2, 2, 16, 128
+    full = study.condition_model(spec, "full", 3, 10)
+    reduced = study.condition_model(spec, "attn", 3, 10)
+    # head dim 16 -> 4: per block 3 * heads * 12 qkv rows (weight row and bias) and
+    # heads * 12 proj columns go; the MLP keeps its width
+    removed = depth * (3 * heads * 12 * (embed + 1) + heads * 12 * embed)
+    assert count_params(reduced) == count_params(full) - removed
+    assert dict(reduced.named_parameters())["blocks.0.mlp.fc1.weight"].shape == (hidden, embed)
+    assert dict(reduced.named_parameters())["blocks.0.attn.qkv.weight"].shape == (
+        3 * heads * head_dim // 4, embed)
+    for name in ("blocks.0.mlp.fc1.weight", "patch_embed.proj.weight"):  # same seed, same draw
+        assert torch.equal(dict(reduced.named_parameters())[name],
+                           dict(full.named_parameters())[name])
+
+
+def test_variants_run_as_they_say_and_appear_in_the_report(tmp_path):
+    from fxgrow.training.checkpoint import latest
+
+    spec = _variant_spec(fused={"schedule": {"mode": "fused"}},
+                         sparse={"rule": "uniform", "schedule": {"interval": 2}})
+    spec.conditions = ["fused", "sparse"]
+    report = study.run_study(spec, tmp_path / "s", plots=True)
+    rounds = {r["condition"]: r["rounds"] for r in report["runs"]}
+    assert rounds == {"fused": 2, "sparse": 1}  # rounds after epochs 1, 2 and after 1 only
+    names = [n for n, _ in fxgrow.load(latest(tmp_path / "s" / "runs" / "fused-seed0")
+                                       / "model").named_modules()]
+    assert any(n.endswith("_fused") for n in names)
+    assert not any(n.endswith(("_plus", "_minus")) for n in names)
+    text = (tmp_path / "s" / "report.md").read_text()
+    assert "| fused | 1 |" in text and "| sparse | 1 |" in text
+    assert "- `sparse`: splitting with rule uniform, interval 2 (base 1)" in text
+    for plot in ("eigenvalues_fused-seed0", "depth_sparse-seed0"):
+        assert (tmp_path / "s" / "plots" / f"{plot}.png").stat().st_size > 0
+
+
+def test_a_run_does_not_depend_on_the_epoch_a_shared_teacher_bundle_was_left_at(tmp_path):
+    # A study runs every condition on one bundle; the previous run leaves its per-epoch
+    # training draw at its last epoch, which must not leak into the next run's analysis.
+    spec = study.quick_spec("teacher")
+    shared = study.study_data(spec)
+    shared.train.set_epoch(7)
+    study.run_one(spec, "splitting", 0, tmp_path / "shared", bundle=shared)
+    study.run_one(spec, "splitting", 0, tmp_path / "fresh")
+    for log in ("metrics.jsonl", "growth.jsonl"):
+        assert _without_time(_jsonl(tmp_path / "shared" / log)) == _without_time(
+            _jsonl(tmp_path / "fresh" / log))

@@ -17,6 +17,9 @@ dense       a dense model with the grown model's final parameter count (the sche
             width (and, if that cannot reach the count, the full head dim) chosen to match
 ==========  ===================================================================================
 
+Variants (``StudySpec.variants``) add named grown conditions for the paper's optional axes:
+a rule, the base's reduction and schedule overrides (docs/study.md, "Variants").
+
 Layout of a study directory::
 
     STUDY/study.json                 the spec (a rerun with the same spec resumes the study)
@@ -35,6 +38,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -52,6 +56,11 @@ _RULE = {"splitting": "splitting", "random": "random", "uniform": "uniform"}
 REFERENCE = "splitting"
 SPEC_FILE = "study.json"
 TEACHER_SEED_OFFSET = 1_000_000
+VARIANT_KEYS = ("rule", "head_dim", "mlp_hidden", "schedule")
+# Run directories are named {variant}-seed{s}: a letter or digit first rules out "." and "..".
+_VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+# Fields a variant's schedule must not override: the study sets them for every condition.
+_STUDY_FIELDS = ("epochs", "rule")
 
 
 @dataclass
@@ -62,7 +71,10 @@ class StudySpec:
     ``mlp_hidden`` are the reduction ratios of the base. ``train`` holds
     :class:`~fxgrow.training.trainer.TrainConfig` fields (``seed`` comes from ``seeds``),
     ``schedule`` :class:`~fxgrow.training.scaler.ScalingSchedule` fields (``epochs`` and
-    ``rule`` come from the training length and the condition)."""
+    ``rule`` come from the training length and the condition). ``variants`` maps a name
+    (listed in ``conditions`` to run it) to a grown condition derived from ``splitting``:
+    ``{"rule": ..., "head_dim": ..., "mlp_hidden": ..., "schedule": {field: value}}``, every
+    key optional (defaults: the splitting rule, the base's ratios, the spec's schedule)."""
 
     data: str = "digits"
     img_size: int = 16
@@ -77,29 +89,48 @@ class StudySpec:
     teacher_train_size: int = 2048
     teacher_val_size: int = 1024
     data_seed: int = 0
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.conditions, self.seeds = list(self.conditions), list(self.seeds)
-        unknown = [c for c in self.conditions if c not in CONDITIONS]
-        if unknown or not self.conditions or len(set(self.conditions)) != len(self.conditions):
-            raise StudyError(f"conditions must be distinct names among {CONDITIONS}, got "
-                             f"{self.conditions}")
+        if not isinstance(self.variants, dict):
+            raise StudyError(f"variants must be an object of name -> variant, got "
+                             f"{type(self.variants).__name__}")
+        for name, variant in self.variants.items():
+            _check_variant(name, variant)
+        unknown = [c for c in self.conditions if c not in CONDITIONS and c not in self.variants]
+        if unknown:
+            raise StudyError(f"conditions {unknown} are neither among {CONDITIONS} nor defined "
+                             f"in variants {sorted(self.variants)}")
+        if not self.conditions or len(set(self.conditions)) != len(self.conditions):
+            raise StudyError(f"conditions must be distinct and not empty, got {self.conditions}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds) or any(
                 isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.seeds):
             raise StudyError(f"seeds must be distinct non-negative integers, got {self.seeds}")
         for name in ("seed",):
             if name in self.train:
                 raise StudyError(f"train must not set {name!r}: it comes from seeds")
-        for name in ("epochs", "rule"):
+        for name in _STUDY_FIELDS:
             if name in self.schedule:
                 raise StudyError(f"schedule must not set {name!r}: it comes from the study")
         if self.img_size <= 0 or self.teacher_train_size <= 0 or self.teacher_val_size <= 0:
             raise StudyError("img_size and the teacher sample sizes must be positive")
         self.train_config(0)
-        if any(c in _RULE for c in self.conditions):
-            self.scaling_schedule("splitting")
+        for condition in [*self.conditions, *self.variants]:
+            if self.grows(condition):
+                self.scaling_schedule(condition)
         if "dense" in self.conditions:
             self.param_target()
+
+    def grows(self, condition: str) -> bool:
+        """Whether ``condition`` (one of the six or a variant) is grown by a schedule."""
+        return condition in _RULE or condition in self.variants
+
+    def reduction(self, condition: str) -> tuple[float, float]:
+        """The (head dim, MLP hidden) ratios of a reduced condition's base."""
+        variant = self.variants.get(condition, {})
+        return (float(variant.get("head_dim", self.head_dim)),
+                float(variant.get("mlp_hidden", self.mlp_hidden)))
 
     def train_config(self, seed: int):
         from .trainer import TrainConfig
@@ -110,15 +141,20 @@ class StudySpec:
             raise StudyError(f"train: {exc}") from exc
 
     def scaling_schedule(self, condition: str):
+        """The schedule of a grown condition: the spec's, with a variant's overrides."""
+        from ..errors import ScheduleError
         from .scaler import ScalingSchedule
 
         if not self.schedule:
             raise StudyError(f"condition {condition!r} grows: the spec needs a schedule")
+        variant = self.variants.get(condition)
+        fields = {**self.schedule, **(variant or {}).get("schedule", {})}
+        rule = _RULE[condition] if variant is None else variant.get("rule", REFERENCE)
+        where = "schedule" if variant is None else f"variant {condition!r}: schedule"
         try:
-            return ScalingSchedule(**self.schedule, epochs=self.train_config(0).epochs,
-                                   rule=_RULE[condition])
-        except TypeError as exc:
-            raise StudyError(f"schedule: {exc}") from exc
+            return ScalingSchedule(**fields, epochs=self.train_config(0).epochs, rule=rule)
+        except (TypeError, ScheduleError) as exc:
+            raise StudyError(f"{where}: {exc}") from exc
 
     def param_target(self) -> int:
         """The grown models' final parameter count the ``dense`` condition matches."""
@@ -143,10 +179,58 @@ class StudySpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StudySpec:
+        """A spec from :meth:`to_dict`'s form; fields added since (``variants``) default."""
         try:
             return cls(**data)
         except TypeError as exc:  # a field this version does not know
             raise StudyError(f"not a study spec of this fxgrow: {exc}") from exc
+
+
+def _check_variant(name: Any, variant: Any) -> None:
+    """Refuse a malformed variant; the schedule overrides are checked by the spec."""
+    if not isinstance(name, str) or not _VARIANT_NAME.fullmatch(name):
+        raise StudyError(f"variant name {name!r} must be 1-64 letters, digits, '_', '.' or "
+                         f"'-', starting with a letter or digit (it names run directories)")
+    if name in CONDITIONS:
+        raise StudyError(f"variant name {name!r} is one of the six conditions {CONDITIONS}")
+    if not isinstance(variant, dict):
+        raise StudyError(f"variant {name!r} must be an object with keys among {VARIANT_KEYS}, "
+                         f"got {variant!r}")
+    unknown = sorted(set(variant) - set(VARIANT_KEYS))
+    if unknown:
+        raise StudyError(f"variant {name!r}: unknown keys {unknown}; expected some of "
+                         f"{list(VARIANT_KEYS)}")
+    if variant.get("rule", REFERENCE) not in _RULE:
+        raise StudyError(f"variant {name!r}: rule must be one of {tuple(_RULE)}, got "
+                         f"{variant['rule']!r}")
+    for key in ("head_dim", "mlp_hidden"):
+        ratio = variant.get(key, 1.0)
+        # A ratio only: JSON's 1 and 1.0 must both mean "keep the width", never width 1.
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) \
+                or not math.isfinite(ratio) or not 0.0 < ratio <= 1.0:
+            raise StudyError(f"variant {name!r}: {key} must be a ratio in (0, 1], got {ratio!r}")
+    overrides = variant.get("schedule", {})
+    if not isinstance(overrides, dict):
+        raise StudyError(f"variant {name!r}: schedule must be an object of ScalingSchedule "
+                         f"fields, got {overrides!r}")
+    for key in _STUDY_FIELDS:
+        if key in overrides:
+            raise StudyError(f"variant {name!r}: schedule must not set {key!r}: it comes from "
+                             f"the study" + (" (give the variant a rule)" if key == "rule" else ""))
+
+
+def describe_variant(name: str, variant: dict[str, Any], spec: dict[str, Any]) -> str:
+    """One line saying what a variant changes against ``splitting`` (``spec``: to_dict form)."""
+    changes = [f"rule {variant['rule']}"] if variant.get("rule", REFERENCE) != REFERENCE else []
+    for key, label in (("head_dim", "head dim"), ("mlp_hidden", "MLP hidden")):
+        if key in variant and float(variant[key]) != float(spec[key]):
+            changes.append(f"{label} x{float(variant[key]):g} (base x{float(spec[key]):g})")
+    from .scaler import ScalingSchedule
+
+    defaults = {f.name: f.default for f in dataclasses.fields(ScalingSchedule)}
+    for key, value in sorted(variant.get("schedule", {}).items()):
+        changes.append(f"{key} {value!r} (base {spec['schedule'].get(key, defaults[key])!r})")
+    return f"`{name}`: splitting with " + (", ".join(changes) if changes else "no change")
 
 
 def quick_spec(data: str = "digits") -> StudySpec:
@@ -163,19 +247,33 @@ def quick_spec(data: str = "digits") -> StudySpec:
     )
 
 
+FULL_VARIANTS: dict[str, dict[str, Any]] = {
+    # paper table 3's reduction grid besides the base's /2, /2
+    "attn4-mlp1": {"head_dim": 0.25, "mlp_hidden": 1.0},
+    "attn1-mlp4": {"head_dim": 1.0, "mlp_hidden": 0.25},
+    # paper table 4's scaling interval besides 4, same warm-up and last round
+    "interval2": {"schedule": {"interval": 2}},
+    "interval6": {"schedule": {"interval": 6}},
+    # one fused linear per grown neuron against the paper's pair
+    "fused": {"schedule": {"mode": "fused"}},
+}
+
+
 def full_spec(data: str = "digits") -> StudySpec:
-    """The benchmark's study (benchmarks/bench_study.py): all six conditions, three seeds,
-    the ``make demo`` ViT at 16x16 grown towards the demo's 175,000 parameters, 12 epochs
-    with growth rounds after epochs 3, 6 and 9 (the teacher-student task: 1024 fresh
-    samples per epoch)."""
+    """The benchmark's study (benchmarks/bench_study.py): the six conditions and the
+    :data:`FULL_VARIANTS`, four seeds, the ``make demo`` ViT at 16x16 grown towards the
+    demo's 175,000 parameters, 16 epochs with growth rounds after epochs 4, 8 and 12 (the
+    interval variants: after 4, 6, 8, 10, 12 and after 4, 10), the teacher-student task
+    with 1024 fresh samples per epoch. Sized to the 40-minute budget of docs/study.md."""
     return StudySpec(
         data=data, img_size=16, model="tiny_vit",
         model_kwargs={"embed_dim": 64, "depth": 4, "num_heads": 4},
-        conditions=list(CONDITIONS), seeds=[0, 1, 2],
-        train={"epochs": 12, "batch_size": 64, "lr": 2e-3},
-        schedule={"warmup_epochs": 3, "interval": 3, "end_epoch": 9,
+        conditions=[*CONDITIONS, *FULL_VARIANTS], seeds=[0, 1, 2, 3],
+        train={"epochs": 16, "batch_size": 64, "lr": 2e-3},
+        schedule={"warmup_epochs": 4, "interval": 4, "end_epoch": 12,
                   "total_param_target": 175000, "layer_threshold": 4},
         teacher_train_size=1024, teacher_val_size=1024,
+        variants=json.loads(json.dumps(FULL_VARIANTS)),  # a copy the caller may edit
     )
 
 
@@ -230,7 +328,7 @@ def condition_model(spec: StudySpec, condition: str, seed: int, num_classes: int
     if condition == "dense":
         dense = dense or dense_widths(spec, num_classes)  # leaves the RNG as seeded
         return _reduced(model, dense["head_dim"], dense["mlp_hidden"])
-    return _reduced(model, spec.head_dim, spec.mlp_hidden)
+    return _reduced(model, *spec.reduction(condition))
 
 
 def study_data(spec: StudySpec):
@@ -282,11 +380,12 @@ def run_one(spec: StudySpec, condition: str, seed: int, run_dir: str | os.PathLi
     bundle = bundle if bundle is not None else study_data(spec)
     dense = dense_widths(spec, bundle.num_classes) if condition == "dense" else None
     model = condition_model(spec, condition, seed, bundle.num_classes, dense)
-    schedule = spec.scaling_schedule(condition) if condition in _RULE else None
+    schedule = spec.scaling_schedule(condition) if spec.grows(condition) else None
     resume = (run_dir / "config.json").is_file()
     if run_dir.is_dir() and not resume and not any(p for p in run_dir.rglob("*") if p.is_file()):
         shutil.rmtree(run_dir)  # killed between creating the directory and its config
-    extra = {"study": {"condition": condition, "dense": dense}}
+    extra = {"study": {"condition": condition, "dense": dense,
+                       "variant": spec.variants.get(condition)}}
     fit(model, bundle, config, str(run_dir), schedule=schedule, run_config=extra,
         resume=resume, quiet=quiet)
     return "resumed" if resume else "started"
@@ -303,7 +402,8 @@ def run_study(spec: StudySpec, study_dir: str | os.PathLike, *, quiet: bool = Tr
     root = Path(study_dir)
     saved = root / SPEC_FILE
     if saved.is_file():
-        old = json.loads(saved.read_text())
+        # Through from_dict: a study.json written before a field existed gets its default.
+        old = StudySpec.from_dict(json.loads(saved.read_text())).to_dict()
         if old != spec.to_dict():
             diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in spec.to_dict().items()
                     if old.get(k) != v]
@@ -483,6 +583,11 @@ def markdown(summary: dict[str, Any], runs: list[dict[str, Any]], spec: dict[str
             lines.append(f"| {c} | {p['top1']['n']} | {per_seed} | {_fmt(p['top1'])} | "
                          f"{p['top1']['min']:+.2f} .. {p['top1']['max']:+.2f} | "
                          f"{p['wins']} / {p['losses']} | {p['val_loss']['mean']:+.3f} |")
+    variants = spec.get("variants", {})
+    listed = [c for c in spec["conditions"] if c in variants]
+    if listed:
+        lines += ["", "Variants (grown, paired with `splitting` like the rules above):", ""]
+        lines += [f"- {describe_variant(c, variants[c], spec)}" for c in listed]
     dense = next((r["dense"] for r in runs if r["dense"]), None)
     if dense:
         lines += ["", f"dense: head-dim ratio {dense['head_dim']}, MLP hidden width "
@@ -521,7 +626,7 @@ def write_report(study_dir: str | os.PathLike, *, plots: bool = True) -> dict[st
     return report
 
 
-__all__ = ["CONDITIONS", "StudyError", "StudySpec", "condition_model", "dense_widths",
-           "full_spec", "load_run", "neuron_depths", "quick_spec", "run_depths", "run_one",
+__all__ = ["CONDITIONS", "FULL_VARIANTS", "StudyError", "StudySpec", "VARIANT_KEYS",
+           "condition_model", "dense_widths", "describe_variant", "full_spec", "load_run", "neuron_depths", "quick_spec", "run_depths", "run_one",
            "run_study",
            "study_data", "summarise", "write_report"]

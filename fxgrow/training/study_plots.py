@@ -9,9 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-_GROWN = ("splitting", "random", "uniform")
-
-
 def _figure(rows: int, cols: int, width: float, height: float, bottom: float = 0.6):
     # Fixed margins in inches (tight_layout costs more than drawing these figures).
     from matplotlib.figure import Figure
@@ -22,6 +19,11 @@ def _figure(rows: int, cols: int, width: float, height: float, bottom: float = 0
                         bottom=bottom / total, top=1 - 0.45 / total,
                         hspace=0.75, wspace=0.3)
     return fig, fig.subplots(rows, cols, squeeze=False)
+
+
+def _grew(run: dict[str, Any]) -> bool:
+    # A grown condition, one of the rules or a variant, is known by its growth records.
+    return bool(run["eigenvalues"])
 
 
 def _by_condition(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -35,7 +37,9 @@ def learning_curves(runs: list[dict[str, Any]], path: Path) -> Path:
     """Validation top-1 and loss per epoch: per condition the mean over seeds (over the
     seeds that reached the epoch) and a min..max band."""
     fig, axes = _figure(1, 2, 6.0, 4.0)
-    for condition, group in _by_condition(runs).items():
+    for index, (condition, group) in enumerate(_by_condition(runs).items()):
+        # matplotlib cycles 10 colours: the six conditions and the variants need more.
+        style = ("-", "--", ":")[index // 10 % 3]
         for ax, key in zip(axes[0], ("top1", "val_loss")):
             length = max(len(r["curve"][key]) for r in group)
             epochs, mean, low, high = [], [], [], []
@@ -45,7 +49,7 @@ def learning_curves(runs: list[dict[str, Any]], path: Path) -> Path:
                 mean.append(sum(values) / len(values))
                 low.append(min(values))
                 high.append(max(values))
-            line, = ax.plot(epochs, mean, label=f"{condition} (n={len(group)})")
+            line, = ax.plot(epochs, mean, style, label=f"{condition} (n={len(group)})")
             ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.15)
     axes[0][0].set_ylabel("validation top-1 (%)")
     axes[0][1].set_ylabel("validation loss")
@@ -96,8 +100,8 @@ def eigenvalues(run_dir: Path, title: str, path: Path) -> Path | None:
 def eigenvalue_trend(runs: list[dict[str, Any]], path: Path) -> Path | None:
     """Per grown condition, the most negative eigenvalue of the figure-2 targets at every
     round, mean over seeds (growth.jsonl's per-layer statistics)."""
-    grouped = {c: g for c, g in _by_condition(runs).items() if c in _GROWN
-               and any(r["eigenvalues"] for r in g)}
+    grouped = {c: [r for r in g if _grew(r)] for c, g in _by_condition(runs).items()}
+    grouped = {c: g for c, g in grouped.items() if g}
     if not grouped:
         return None
     first = next(r for g in grouped.values() for r in g if r["eigenvalues"])
@@ -158,9 +162,9 @@ def plot_all(study_dir: Path, runs: list[dict[str, Any]]) -> list[Path]:
     written = [learning_curves(runs, out / "learning_curves.png"),
                eigenvalue_trend(runs, out / "eigenvalue_trend.png")]
     for condition, group in _by_condition(runs).items():
-        if condition not in _GROWN:
+        first = next((r for r in group if _grew(r)), None)
+        if first is None:
             continue
-        first = group[0]
         name = run_name(condition, first["seed"])
         run_dir = study_dir / "runs" / name
         written.append(eigenvalues(run_dir, name, out / f"eigenvalues_{name}.png"))

@@ -288,6 +288,9 @@ class _Trainer:
         self.analysis: list[Any] = []
         if schedule is not None:
             fixed = data_mod.loader(bundle.train, config.batch_size, shuffle=False)
+            # Epoch 0's draw of a data set that redraws per epoch (teacher_student), whatever
+            # epoch an earlier run on the same bundle left it at (a study shares one bundle).
+            fixed.sampler.set_epoch(0)
             for batch in fixed:
                 self.analysis.append(_to(*batch, self.device))
                 if len(self.analysis) == schedule.analysis_batches:
