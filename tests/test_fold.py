@@ -54,3 +54,12 @@ def test_export_of_a_folded_model():
     folded = fold(grow_randomly(base, "fold-export"))
     program = torch.export.export(folded, (x,))
     assert relative(program.module()(x), folded(x)) < 1e-5
+
+
+def test_compile_of_a_folded_model():
+    gm = fxgrow.models.tiny_vit(num_classes=3, img_size=8, patch_size=4, embed_dim=16,
+                                depth=1, num_heads=2)
+    folded = fold(grow_randomly(gm, "fold-compile", rounds=2)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert relative(torch.compile(folded)(x), folded(x)) < 1e-5
