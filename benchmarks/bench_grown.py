@@ -292,7 +292,7 @@ def _goals(threads, times, memory, clock) -> None:
             for goal, ratio in checks.items():
                 verdict = "met" if ratio <= GOALS[goal] else "NOT met"
                 print(f"goal {goal} ({mode}, {n_threads}t, {clock}) <= {GOALS[goal]:.2f}x "
-                      f"DeiT-S: {ratio:.2f}x, {verdict}")
+                      f"DeiT-S: {ratio:.3f}x, {verdict}")
 
 
 if __name__ == "__main__":

@@ -93,16 +93,22 @@ def _levels_backward(grad: torch.Tensor, sums: Sequence[torch.Tensor], widths: S
     above = grad
     for depth, block in enumerate(grad_pre.split(list(widths), -1)):
         grad_rows = above.index_select(-1, indices[depth])
-        grad_a = torch.ops.aten.gelu_backward(grad_rows, sums[depth]) + grad_rows
         pair_width, _ = pairs[depth]
-        if pair_width:  # both members of a pair receive the pair sum's gradient
-            block[..., :pair_width].copy_(grad_a[..., :pair_width])
-            block[..., pair_width:2 * pair_width].copy_(grad_a[..., :pair_width])
-            block[..., 2 * pair_width:].copy_(grad_a[..., pair_width:])
-        else:
-            block.copy_(grad_a)
+        # d(gelu(a) + a)/da, written where the level's first members' (or singles') go
+        _gelu_plus_one_backward(grad_rows[..., :pair_width], sums[depth][..., :pair_width],
+                                block[..., :pair_width])
+        _gelu_plus_one_backward(grad_rows[..., pair_width:], sums[depth][..., pair_width:],
+                                block[..., 2 * pair_width:])
+        # both members of a pair receive the pair sum's gradient
+        block[..., pair_width:2 * pair_width].copy_(block[..., :pair_width])
         above = block
     return grad_pre
+
+
+def _gelu_plus_one_backward(grad: torch.Tensor, a: torch.Tensor, into: torch.Tensor) -> None:
+    if into.shape[-1]:
+        torch.ops.aten.gelu_backward.grad_input(grad, a, grad_input=into)
+        into.add_(grad)
 
 
 class _LevelsFunction(torch.autograd.Function):
