@@ -372,16 +372,33 @@ def _pack_tree(gm: fx.GraphModule, graph: fx.Graph, tree: GrownTree,
         level_args.append((sum(m.width for m in order), sum(len(l.indices) for _, l in pairs),
                            sum(len(l.indices) for _, l in singles), name))
     has_bias = site.bias(gm) is not None
+    root = tree.root.node
+    # The target's own linear reads the tokens as rows: its output is then a tensor of its
+    # own, not a view of one, and writing the levels into it in place costs autograd no copy.
+    with graph.inserting_before(root):
+        rows = graph.call_function(flatten_tokens, (site.input,))
+    root.replace_input_with(site.input, rows)
     with graph.inserting_before(tree.root.tip):
         weight = graph.call_function(
             stack_rows, ([graph.get_attr(f"{m.target}.weight") for m in members],))
         bias = graph.call_function(
             stack_rows, ([graph.get_attr(f"{m.target}.bias") for m in members],)
         ) if has_bias else None
-        pre = graph.call_function(F.linear, (site.input, weight, bias))
-        out = _emit_levels(graph, tree.root.node, pre, level_args)
+        pre = graph.call_function(F.linear, (rows, weight, bias))
+        written = _emit_levels(graph, root, pre, level_args)
+        out = graph.call_function(unflatten_tokens, (written, site.input))
     tree.root.tip.replace_all_uses_with(out)
     erase_unused(graph, tree.nodes)
+
+
+def flatten_tokens(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as a matrix of rows, one per token (all leading dimensions flattened)."""
+    return x.reshape(-1, x.shape[-1])
+
+
+def unflatten_tokens(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``rows`` back in ``like``'s leading dimensions."""
+    return rows.view(*like.shape[:-1], rows.shape[-1])
 
 
 def _running(order: list[GrownLinear]) -> list[tuple[int, GrownLinear]]:
