@@ -443,9 +443,12 @@ _SLOW_FAMILIES = {"maxvit_tiny_tf_224", "mvitv2_tiny"}  # 20-35 s each on a load
 ])
 def test_family_random_rounds_are_exact(name):
     kwargs = FAMILIES[name]
-    model = timm.create_model(name, pretrained=False, num_classes=7, **kwargs).eval()
+    # float64: some of the relations checked below hold for gradients that are zero in exact
+    # arithmetic (CaiT's talking-heads proj_l bias shifts every logit of a softmax row), so
+    # what is compared there is rounding noise, far below the tolerance only in float64
+    model = timm.create_model(name, pretrained=False, num_classes=7, **kwargs).eval().double()
     base = fxgrow.trace(model)
-    x = torch.randn(2, 3, kwargs["img_size"], kwargs["img_size"])
+    x = torch.randn(2, 3, kwargs["img_size"], kwargs["img_size"], dtype=torch.float64)
     rng = random.Random(name)
     grown = base
     rounds = rng.randint(1, 3) if name != "deit_small_patch16_224" else 3
