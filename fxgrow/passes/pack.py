@@ -10,8 +10,8 @@ sums (all plus columns of the level against all minus columns), ``gelu(a) + a``,
 into the target's own output channels.
 
 - :func:`pack` keeps the parameters ``grow`` created, the very ``nn.Parameter`` objects
-  under the same state_dict keys (the stacked weight is a ``torch.cat`` of them inside the
-  graph, so each receives its gradient), so an optimizer, a checkpoint and
+  under the same state_dict keys (the stacked member weight is a concatenation of them
+  inside the graph, :func:`stack_rows`, so each receives its gradient), so an optimizer, a checkpoint and
   :func:`fxgrow.passes.grow_lineage` stay valid. It computes the same function as the
   exact form within float rounding, not bitwise: one GEMM over more rows may sum in another
   order than the separate GEMMs did, and the pair sums are formed in another order. Growth therefore always runs on the exact form
