@@ -106,6 +106,7 @@ def main() -> None:
             mp.spawn(_rank, args=(world, _free_port(), args, out), nprocs=world, join=True)
             results[world] = json.loads((out / f"world{world}.json").read_text())
         base = results[args.worlds[0]]
+        reference = out / f"report{args.worlds[0]}.safetensors"
         print(f"{args.model}, batch {args.batch}, torch {torch.__version__}, 1 thread per "
               f"rank, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}")
         print(f"{'ranks':>5} {'rank':>4} {'targets':>7} {'cost':>6} {'record s':>9} "
@@ -121,7 +122,7 @@ def main() -> None:
             print(f"{world:>5}: solve {max(r['solve']) / max(base['solve']):.2f}  "
                   f"record {max(r['record']) / max(base['record']):.2f}  "
                   f"wall {max(r['wall']) / max(base['wall']):.2f}  "
-                  f"{_bitwise_equal(out / f'report{world}.safetensors', out / f'report{args.worlds[0]}.safetensors')}")
+                  f"{_bitwise_equal(out / f'report{world}.safetensors', reference)}")
 
 
 if __name__ == "__main__":

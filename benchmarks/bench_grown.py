@@ -18,10 +18,11 @@ a child process whose glibc mmap threshold is fixed, so that freed buffers are r
 the peak of a step is that step's own; times are measured in this process with the default
 allocator, as users run it (a fixed threshold turns every large buffer into a fresh mmap
 and its page faults, which charges a model per allocation: that made the packed step look
-12% slower). Every figure is a ratio to DeiT-S measured in the same run; models are timed interleaved (one repetition of each in turn), taking each one's
-fastest repetition, so the load of a shared machine weighs on all alike. Times are given
-twice: wall clock, and the process's CPU time, which other jobs' load barely moves (with
-several threads it sums their CPU time, spin-waits included).
+12% slower). Every figure is a ratio to DeiT-S measured in the same run; models are timed
+interleaved (one repetition of each in turn), taking each one's fastest repetition, so the
+load of a shared machine weighs on all alike. Times are given twice: wall clock, and the
+process's CPU time, which other jobs' load barely moves (with several threads it sums their
+CPU time, spin-waits included).
 
 Run (the reported table): python benchmarks/bench_grown.py --batch 8 --reps 3
 Quick: python benchmarks/bench_grown.py --batch 2 --reps 2 --threads 1 --no-compile
@@ -92,10 +93,10 @@ def _rss_kib(field: str) -> int:
 
 
 def build_models(args: argparse.Namespace) -> dict[str, fx.GraphModule]:
-    exact = grow_like_the_paper(deit_small_reduced(num_classes=100), int(args.target_params),
-                                args.rounds, args.seed)
-    return {"DeiT-S": deit_small(100), "reduced base": deit_small_reduced(num_classes=100),
-            "grown exact": exact, "grown packed": pack(exact), "grown folded": fold(exact)}
+    base = deit_small_reduced(num_classes=100)
+    exact = grow_like_the_paper(base, int(args.target_params), args.rounds, args.seed)
+    return {"DeiT-S": deit_small(100), "reduced base": base, "grown exact": exact,
+            "grown packed": pack(exact), "grown folded": fold(exact)}
 
 
 def batch(size: int) -> tuple[torch.Tensor, torch.Tensor]:

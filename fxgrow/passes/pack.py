@@ -11,12 +11,13 @@ into the target's own output channels.
 
 - :func:`pack` keeps the parameters ``grow`` created, the very ``nn.Parameter`` objects
   under the same state_dict keys (the stacked member weight is a concatenation of them
-  inside the graph, :func:`stack_rows`, so each receives its gradient), so an optimizer, a checkpoint and
-  :func:`fxgrow.passes.grow_lineage` stay valid. It computes the same function as the
-  exact form within float rounding, not bitwise: one GEMM over more rows may sum in another
-  order than the separate GEMMs did, and the pair sums are formed in another order. Growth therefore always runs on the exact form
-  (:func:`fxgrow.passes.grow` unpacks a packed input first), where it is bitwise
-  function-preserving by construction, and the result is packed again after the check.
+  inside the graph, :func:`stack_rows`, so each receives its gradient), so an optimizer, a
+  checkpoint and :func:`fxgrow.passes.grow_lineage` stay valid. It computes the same
+  function as the exact form within float rounding, not bitwise: one GEMM over more rows may
+  sum in another order than the separate GEMMs did, and the pair sums are formed in another
+  order. Growth therefore always runs on the exact form (:func:`fxgrow.passes.grow` unpacks
+  a packed input first), where it is bitwise function-preserving by construction, and the
+  result is packed again after the check.
 - :func:`unpack` returns the exact form a packed model was made from (the graph is kept
   with the packed model), sharing every module and parameter.
 - :func:`fold` is for inference after training: each pair's members become one row block
@@ -139,8 +140,8 @@ class _LevelsFunction(torch.autograd.Function):
 @torch.library.custom_op("fxgrow::packed_levels", mutates_args=())
 def _levels_op(out: torch.Tensor, pre: torch.Tensor, widths: list[int], pair_widths: list[int],
                single_widths: list[int], indices: list[torch.Tensor]) -> torch.Tensor:
-    pairs = tuple(zip(pair_widths, single_widths))
-    return _levels_forward(out, pre, widths, pairs, indices, in_place=False)[0]
+    return levels_out_of_place(out, pre, tuple(widths), tuple(zip(pair_widths, single_widths)),
+                               *indices)
 
 
 @torch.library.custom_op("fxgrow::packed_levels_backward", mutates_args=())
@@ -276,8 +277,8 @@ def exact_form(gm: fx.GraphModule) -> fx.GraphModule:
 def fold(gm: fx.GraphModule) -> fx.GraphModule:
     """An inference model: each grown target's members, pairs summed (``W+ + W-``, ``b+ +
     b-``) and concatenated, as one new ``nn.Linear`` ``{target}_folded`` beside the target's
-    own, followed by the elementwise steps of each depth level. Outputs equal the unfolded model's within
-    float rounding; per pseudo-layer of k neurons it costs k(d+1) parameters and kd
+    own, followed by the elementwise steps of each depth level. Outputs equal the unfolded
+    model's within float rounding; per pseudo-layer of k neurons it costs k(d+1) parameters and kd
     multiply-adds per token, half the paper form's. The new weights are copies, so training
     the result does not train ``gm``. A packed input is unpacked first; the history gains
     ``{"pass": "fold"}`` with the folded targets.

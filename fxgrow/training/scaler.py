@@ -30,8 +30,8 @@ have without growth (unless global gradient-norm clipping sees the new gradients
 
 By default the grown model is returned packed (:func:`fxgrow.passes.pack`: everything grown
 on a target one GEMM, the same parameter objects): analysis, growth and the bitwise loss
-check run on the exact form (:func:`fxgrow.passes.exact_form` of the packed model), which growth
-preserves bit for bit, and only the checked result is packed, its outputs checked against
+check run on the exact form (:func:`fxgrow.passes.exact_form` of the packed model), which
+growth preserves bit for bit, and only the checked result is packed, its outputs checked against
 the exact form within float tolerance (docs/packing.md). ``pack=False`` trains the exact form.
 
 The scaler holds no random state of its own and does the same on every process. Under
@@ -40,8 +40,8 @@ the scaler all-gathers the batches (:func:`fxgrow.training.distributed.gather_ba
 analyses the global batch and selects the plan a single process would, and checks that all
 ranks hold the same plan before growing. The analysis is sharded by default: each rank
 analyses its share of the targets and the reports are gathered
-(:func:`fxgrow.training.sharding.analyze_sharded`; the same report as one process). Rewrap the grown model with
-:func:`fxgrow.training.distributed.wrap` (passing the old wrapper).
+(:func:`fxgrow.training.sharding.analyze_sharded`; the same report as one process). Rewrap
+the grown model with :func:`fxgrow.training.distributed.wrap` (passing the old wrapper).
 """
 
 from __future__ import annotations

@@ -627,6 +627,6 @@ def write_report(study_dir: str | os.PathLike, *, plots: bool = True) -> dict[st
 
 
 __all__ = ["CONDITIONS", "FULL_VARIANTS", "StudyError", "StudySpec", "VARIANT_KEYS",
-           "condition_model", "dense_widths", "describe_variant", "full_spec", "load_run", "neuron_depths", "quick_spec", "run_depths", "run_one",
-           "run_study",
-           "study_data", "summarise", "write_report"]
+           "condition_model", "dense_widths", "describe_variant", "full_spec", "load_run",
+           "neuron_depths", "quick_spec", "run_depths", "run_one", "run_study", "study_data",
+           "summarise", "write_report"]
